@@ -1,0 +1,34 @@
+# Plain entry points. `make test` and `make run` set everything up on a fresh machine first.
+#   make setup   create .venv and install afs + afs_kernels with their dependencies
+#   make test    the test suite, notebooks included (nbval, `smoke` profile)
+#   make run     the main job: every notebook top to bottom under the default profile -> out/
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# Where the notebooks' executed copies and figures go.
+OUT    ?= out
+
+.PHONY: setup test test-fast run clean
+
+setup: $(VENV)/.installed
+
+# torch and torchvision are installed in one pip call so the resolver picks a matching pair
+# (a torchvision built for another torch fails to import).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet "torch>=2.4" "torchvision>=0.19"
+	$(BIN)/pip install --quiet -e ".[dev]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest tests notebooks --nbval-lax --nbval-current-env -p no:cacheprovider
+
+test-fast: setup
+	$(BIN)/python -m pytest tests -x -q
+
+run: setup
+	$(BIN)/afs notebooks --out $(OUT)
+
+clean:
+	rm -rf $(VENV) $(OUT) .pytest_cache

@@ -1,0 +1,336 @@
+"""Typed, frozen configuration: one dataclass per concern, one `Profile` instance per scale.
+
+A profile is the full recipe of a run (data, network, extractor training, merger training, evaluation,
+and the experiment grid the notebooks show). It is saved as ``config.json`` beside every result, and
+``Profile.from_json(p.to_json()) == p`` holds, so any result can be traced back to exactly what made it.
+
+Budgets are written in units of 1/255 (``8`` means eps = 8/255), as in the paper's tables; the helper
+`eps_from_budget` turns them into pixel-space floats.
+
+The four profiles (see ``PROFILES``):
+
+* ``smoke``: every code path in seconds on a CPU (CI and the notebooks' tests);
+* ``cpu``: the honest laptop run on a real CIFAR-10 subset (the default without a GPU);
+* ``quick``: the whole paper's pipeline on full CIFAR-10 with a fast network, on one GPU;
+* ``paper``: the paper's exact settings (WRN-28-10, 70 epochs, budgets 0..9/255, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = [
+    "DataConfig",
+    "ModelConfig",
+    "ExtractorConfig",
+    "MergerConfig",
+    "EvalConfig",
+    "ExperimentConfig",
+    "Profile",
+    "PROFILES",
+    "PROFILE_ENV",
+    "get_profile",
+    "default_profile_name",
+    "eps_from_budget",
+    "mask_to_budgets",
+]
+
+PROFILE_ENV = "AFS_PROFILE"
+# The data sets `afs.data.load_dataset` knows (kept here so configs validate without importing torchvision).
+DATASET_NAMES = ("cifar10", "cifar100", "cifar10-jpeg")
+
+
+def eps_from_budget(budget: float) -> float:
+    """A budget in units of 1/255 (the paper's notation) as an L-inf radius in [0, 1] pixel space."""
+    return float(budget) / 255.0
+
+
+def mask_to_budgets(mask: str, budgets: tuple[int, ...] = tuple(range(9))) -> tuple[int, ...]:
+    """Decode the paper's binary stack masks (Table III): digit i selects network #i of ``budgets``.
+
+    ``"000111111"`` over networks #0..#8 selects budgets 3..8, the paper's default stack. The paper prints
+    its first mask with 8 digits (``"10000001"``) while the text says networks #0 and #8; a mask shorter
+    than ``budgets`` is therefore an error rather than silently padded, and callers spell it in full.
+    """
+    if not mask or set(mask) - {"0", "1"}:
+        raise ValueError(f"a stack mask is a string of 0/1 digits, got {mask!r}")
+    if len(mask) != len(budgets):
+        raise ValueError(
+            f"stack mask {mask!r} has {len(mask)} digits but there are {len(budgets)} candidate "
+            f"networks (budgets {list(budgets)}); write one digit per network"
+        )
+    chosen = tuple(b for b, bit in zip(budgets, mask) if bit == "1")
+    if not chosen:
+        raise ValueError(f"stack mask {mask!r} selects no network")
+    return chosen
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    name: str = "cifar10"  # cifar10 | cifar100 | cifar10-jpeg (the offline JPEG copy of CIFAR-10)
+    train_size: int | None = None  # class-balanced subset of the training set; None = all 50,000
+    val_size: int = 1000  # held out of the training set for early stopping; the test set is never used
+    test_size: int | None = None  # class-balanced subset of the test set for PGD; None = all 10,000
+    augment: bool = True  # random crop (4-pixel zero padding) + horizontal flip, as batched tensor ops
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "wrn"  # "wrn" (WideResNet) | "preact_resnet18"
+    depth: int = 28  # WRN depth, (depth - 4) % 6 == 0; ignored by preact_resnet18
+    widen_factor: int = 10  # WRN width multiplier; WRN-28-10 gives 640-d features
+
+
+@dataclass(frozen=True)
+class ExtractorConfig:
+    """PGD-AT of one extractor (Eq. 3-4), Section III 'Training'."""
+
+    budgets: tuple[int, ...] = tuple(range(10))  # training budgets in 1/255 (Table I: 0..9)
+    epochs: int = 70
+    batch_size: int = 128
+    lr: float = 0.1
+    lr_milestones: tuple[int, ...] = (60,)  # lr x gamma at these epochs: 0.1 -> 0.01 at epoch 60
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    attack_steps: int = 10  # PGD-10 inner maximisation
+    attack_step_size: float = 2 / 255
+    # Early stopping (Rice et al. 2020): keep the epoch with the best validation PGD accuracy.
+    early_stopping: bool = True
+    val_attack_steps: int = 10
+
+
+@dataclass(frozen=True)
+class MergerConfig:
+    """Training of the linear merger on the frozen stack (Eq. 5)."""
+
+    stack: tuple[int, ...] = (3, 4, 5, 6, 7, 8)  # default stack: networks #3..#8 (Section III-C)
+    alpha: float = 0.5  # weight of the clean term in Eq. 5
+    mode: str = "paired"  # "paired" (Eq. 5 on the same samples) | "split" (the authors' released code)
+    epochs: int = 5
+    batch_size: int = 100
+    lr: float = 0.1
+    lr_milestones: tuple[int, ...] = (3,)  # 0.1 -> 0.01 at epoch 3
+    lr_gamma: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    eps: float = 8 / 255  # PGD against the whole stack, regenerated for every batch
+    attack_steps: int = 10
+    attack_step_size: float = 2 / 255
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    eps: float = 8 / 255
+    step_size: float = 2 / 255
+    pgd_steps: tuple[int, ...] = (10, 20)  # PGD-10 and PGD-20
+    aa_size: int | None = None  # AutoAttack on a class-balanced subset of this many test images; None = all
+    aa_version: str = "standard"
+    batch_size: int = 500
+    curve_budgets: tuple[int, ...] = (0, 2, 4, 6, 8, 10, 12, 14, 16)  # Fig. 4a x-axis, in 1/255
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """The grid the notebooks show beyond the default stack."""
+
+    alphas: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)  # Table II
+    # Table III masks, one digit per stacking candidate (`Profile.stack_candidates`, networks #0..#8 in
+    # the paper). The paper prints its first mask with 8 digits; the text says networks #0 and #8.
+    masks: tuple[str, ...] = ("100000001", "100010001", "101010101", "111111111")
+    random_budget_range: tuple[int, int] = (3, 8)  # Table VI 'Rand. pert.': budget drawn per batch
+    wide_widen_factor: int = 30  # Table VI 'Large model' (WRN-28-30)
+    tsne_budgets: tuple[int, int] = (1, 8)  # Fig. 3: networks #1 and #8
+    tsne_size: int = 2000  # test images embedded by t-SNE
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    extractor: ExtractorConfig = field(default_factory=ExtractorConfig)
+    merger: MergerConfig = field(default_factory=MergerConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    experiments: ExperimentConfig = field(default_factory=ExperimentConfig)
+    seed: int = 0
+    # "auto": bf16 autocast + channels_last on CUDA, exact fp32 elsewhere; "fp32": exact everywhere.
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def stack_candidates(self) -> tuple[int, ...]:
+        """Budgets a stack may draw from: the trained ones up to 8/255 (Section III-A drops #9)."""
+        return tuple(b for b in self.extractor.budgets if b <= 8)
+
+    def stack_for_mask(self, mask: str) -> tuple[int, ...]:
+        """The budgets a Table III mask selects among `stack_candidates`."""
+        return mask_to_budgets(mask, self.stack_candidates)
+
+    # --- serialisation -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self, path: str | os.PathLike | None = None) -> str:
+        """The profile as JSON text; also written (atomically) to ``path`` when given."""
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            from afs.io import atomic_write_text
+
+            atomic_write_text(Path(path), text + "\n")
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Profile":
+        return _from_dict(cls, d)
+
+    @classmethod
+    def from_json(cls, text_or_path: str | os.PathLike) -> "Profile":
+        """Parse JSON text, or read it from a path."""
+        s = str(text_or_path)
+        if not s.lstrip().startswith("{"):
+            s = Path(s).read_text()
+        return cls.from_dict(json.loads(s))
+
+    def replace(self, **changes: Any) -> "Profile":
+        """A copy with top-level fields replaced (``p.replace(merger=...)``)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _from_dict(cls: type, d: Any) -> Any:
+    """Rebuild a (nested) frozen dataclass from ``asdict`` output, turning JSON lists back into tuples."""
+    if not isinstance(d, dict):
+        raise TypeError(f"expected a JSON object for {cls.__name__}, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {sorted(unknown)}; valid: {sorted(names)}")
+    kwargs = {}
+    for key, value in d.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _from_dict(hint, value)
+        elif isinstance(value, list):
+            kwargs[key] = tuple(value)
+        else:
+            kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _validate(p: Profile) -> None:
+    if p.data.name not in DATASET_NAMES:
+        raise ValueError(f"unknown data set {p.data.name!r}; valid: {list(DATASET_NAMES)}")
+    if p.model.arch not in ("wrn", "preact_resnet18"):
+        raise ValueError(f"unknown arch {p.model.arch!r}; valid: ['wrn', 'preact_resnet18']")
+    if p.model.arch == "wrn" and (p.model.depth - 4) % 6 != 0:
+        raise ValueError(f"WideResNet depth must satisfy (depth - 4) % 6 == 0, got {p.model.depth}")
+    if not 0.0 <= p.merger.alpha <= 1.0:
+        raise ValueError(f"merger alpha must lie in [0, 1], got {p.merger.alpha}")
+    if p.merger.mode not in ("paired", "split"):
+        raise ValueError(f"merger mode must be 'paired' or 'split', got {p.merger.mode!r}")
+    if not p.merger.stack:
+        raise ValueError("the default stack is empty")
+    missing = sorted(set(p.merger.stack) - set(p.extractor.budgets))
+    if missing:
+        raise ValueError(f"stack budgets {missing} are not among the trained budgets {p.extractor.budgets}")
+    if p.precision not in ("auto", "fp32"):
+        raise ValueError(f"precision must be 'auto' or 'fp32', got {p.precision!r}")
+    for name, eps in (("merger.eps", p.merger.eps), ("evaluation.eps", p.evaluation.eps)):
+        if not 0.0 <= eps <= 1.0:
+            raise ValueError(f"{name} must lie in [0, 1] pixel units, got {eps}")
+    for mask in p.experiments.masks:
+        p.stack_for_mask(mask)  # raises on a mask of the wrong length
+    if any(b < 0 for b in p.extractor.budgets):
+        raise ValueError(f"training budgets must be >= 0, got {p.extractor.budgets}")
+
+
+# --- the four profiles ------------------------------------------------------------------------------
+
+# The paper, Section III 'Training' and 'Evaluation protocol', verbatim. The default dataclass values
+# above *are* the paper's settings; only the data set and the AA subset are spelt out here.
+PAPER = Profile(
+    name="paper",
+    data=DataConfig(name="cifar10", train_size=None, val_size=1000, test_size=None),
+    model=ModelConfig(arch="wrn", depth=28, widen_factor=10),
+    evaluation=EvalConfig(aa_size=None, batch_size=500),
+)
+
+# Every code path in about two minutes on 2 CPU cores: a tiny WRN, a few hundred real images, one epoch.
+SMOKE = Profile(
+    name="smoke",
+    data=DataConfig(name="cifar10-jpeg", train_size=600, val_size=100, test_size=200),
+    model=ModelConfig(arch="wrn", depth=10, widen_factor=1),
+    extractor=ExtractorConfig(
+        budgets=(0, 2, 4, 8), epochs=2, batch_size=100, lr=0.05, lr_milestones=(1,), attack_steps=3,
+        attack_step_size=2.5 / 255, val_attack_steps=3,
+    ),
+    merger=MergerConfig(
+        stack=(2, 4, 8), epochs=2, batch_size=100, lr=0.05, lr_milestones=(1,), attack_steps=3,
+        attack_step_size=3 / 255,
+    ),
+    evaluation=EvalConfig(aa_size=16, batch_size=200, pgd_steps=(10, 20), curve_budgets=(0, 4, 8, 16)),
+    experiments=ExperimentConfig(
+        alphas=(0.0, 0.5, 1.0), masks=("1001", "1111"), wide_widen_factor=2, tsne_size=200,
+        tsne_budgets=(2, 8), random_budget_range=(2, 8),
+    ),
+)
+
+# The honest laptop run on real CIFAR-10 (sized to ~30 minutes on 2 cores; see README for measured cost).
+CPU = Profile(
+    name="cpu",
+    data=DataConfig(name="cifar10-jpeg", train_size=10000, val_size=500, test_size=1000),
+    model=ModelConfig(arch="wrn", depth=10, widen_factor=2),
+    extractor=ExtractorConfig(
+        budgets=(0, 2, 4, 6, 8), epochs=8, batch_size=128, lr=0.1, lr_milestones=(6,), attack_steps=5,
+        attack_step_size=2.5 / 255, val_attack_steps=5,
+    ),
+    merger=MergerConfig(stack=(2, 4, 6, 8), epochs=3, lr_milestones=(2,), attack_steps=5, attack_step_size=2.5 / 255),
+    evaluation=EvalConfig(aa_size=200, batch_size=500),
+    experiments=ExperimentConfig(
+        alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
+        masks=("10001", "10101", "11111"),
+        wide_widen_factor=4, tsne_size=1000, tsne_budgets=(0, 8), random_budget_range=(2, 8),
+    ),
+)
+
+# Full CIFAR-10 on one GPU in minutes: a fast network, few epochs, the paper's whole grid.
+QUICK = Profile(
+    name="quick",
+    data=DataConfig(name="cifar10-jpeg", train_size=None, val_size=1000, test_size=None),
+    model=ModelConfig(arch="wrn", depth=16, widen_factor=4),
+    extractor=ExtractorConfig(budgets=tuple(range(10)), epochs=10, batch_size=512, lr=0.2, lr_milestones=(8,)),
+    merger=MergerConfig(epochs=3, batch_size=500, lr=0.1, lr_milestones=(2,)),
+    evaluation=EvalConfig(aa_size=1000, batch_size=1000),
+    experiments=ExperimentConfig(wide_widen_factor=8),
+)
+
+PROFILES: dict[str, Profile] = {p.name: p for p in (SMOKE, CPU, QUICK, PAPER)}
+
+
+def default_profile_name() -> str:
+    """``$AFS_PROFILE`` if set, else ``quick`` when a CUDA GPU is present, else ``cpu``."""
+    env = os.environ.get(PROFILE_ENV)
+    if env:
+        return env
+    import torch
+
+    return "quick" if torch.cuda.is_available() else "cpu"
+
+
+def get_profile(name: str | None = None) -> Profile:
+    """The profile called ``name``; with no name, ``default_profile_name()``. Unknown names list the valid ones."""
+    name = name or default_profile_name()
+    try:
+        return PROFILES[name]
+    except KeyError:
+        source = f" (from ${PROFILE_ENV})" if os.environ.get(PROFILE_ENV) == name else ""
+        raise ValueError(f"unknown profile {name!r}{source}; valid profiles: {list(PROFILES)}") from None

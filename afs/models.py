@@ -1,0 +1,327 @@
+"""Networks used as feature extractors: WideResNet (the paper's WRN-28-10) and PreActResNet-18.
+
+Every model here
+
+* takes images in [0, 1] pixel space (the attack's space); per-channel normalisation, if any, is a fixed
+  buffer inside the model, so an eps of 8/255 always means 8/255 in pixel units;
+* exposes ``features(x)``: the vector after the last global average pool (640-d for WRN-28-10, the
+  paper's "extracted features"), ``head``: the linear classifier on top, and ``feature_dim``;
+* records the arguments it was built with (``arch``, ``kwargs``) so a checkpoint can rebuild it, and a
+  checkpoint loaded into the wrong architecture or width is refused with a clear message.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "WideResNet",
+    "PreActResNet18",
+    "build_model",
+    "model_from_spec",
+    "count_parameters",
+    "count_flops",
+    "save_checkpoint",
+    "load_checkpoint",
+    "load_model",
+    "CheckpointMismatchError",
+]
+
+# CIFAR-10 training-set statistics, used only as a fixed input normalisation inside the model.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2471, 0.2435, 0.2616)
+
+
+class _Normalize(nn.Module):
+    """(x - mean) / std with fixed buffers: keeps the model's input in [0, 1] pixel space."""
+
+    def __init__(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+        super().__init__()
+        self.enabled = mean is not None
+        if self.enabled:
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std if self.enabled else x
+
+
+class _ExtractorBase(nn.Module):
+    """Shared interface: ``features`` -> ``head`` -> logits, plus the spec used by checkpoints."""
+
+    arch: str
+    feature_dim: int
+    num_classes: int
+    head: nn.Linear
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__()
+        self.kwargs = dict(kwargs)  # what `model_from_spec` needs to rebuild this exact network
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        """The last convolutional activations *before* the final BN + ReLU + pooling, (B, C, h, w)."""
+        raise NotImplementedError
+
+    def pool(self, fmap: Tensor) -> Tensor:
+        """Final BN-affine + ReLU + global average pool: (B, C, h, w) -> (B, C)."""
+        raise NotImplementedError
+
+    def features(self, x: Tensor) -> Tensor:
+        """The penultimate features g(x) of Eq. 2, (B, feature_dim)."""
+        return self.pool(self.feature_map(x))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.head(self.features(x))
+
+    def spec(self) -> dict[str, Any]:
+        return {"arch": self.arch, "kwargs": dict(self.kwargs)}
+
+    def extra_repr(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items() if k not in ("mean", "std"))
+        return f"{args}, feature_dim={self.feature_dim}"
+
+
+# --- WideResNet (Zagoruyko & Komodakis 2016), pre-activation blocks as in Madry et al. / Rice et al. -----
+
+
+class _WideBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.equal = c_in == c_out and stride == 1
+        self.shortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = F.relu(self.bn1(x))
+        # A projection shortcut sees the pre-activated input (as in the reference WRN code);
+        # an identity shortcut carries the raw input.
+        skip = x if self.equal else self.shortcut(o)
+        o = self.conv1(o)
+        o = self.conv2(F.relu(self.bn2(o)))
+        return o + skip
+
+
+class WideResNet(_ExtractorBase):
+    """WRN-depth-k. WRN-28-10 on 32x32 inputs: 36.48M parameters, 640-d features, 10.49 GFLOP forward."""
+
+    arch = "wrn"
+
+    def __init__(
+        self,
+        depth: int = 28,
+        widen_factor: int = 10,
+        num_classes: int = 10,
+        mean: tuple[float, ...] | None = CIFAR_MEAN,
+        std: tuple[float, ...] | None = CIFAR_STD,
+    ) -> None:
+        if (depth - 4) % 6 != 0 or depth < 10:
+            raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
+        if widen_factor < 1 or num_classes < 2:
+            raise ValueError(f"need widen_factor >= 1 and num_classes >= 2, got {widen_factor}, {num_classes}")
+        mean, std = _tuple_or_none(mean), _tuple_or_none(std)
+        super().__init__(depth=depth, widen_factor=widen_factor, num_classes=num_classes, mean=mean, std=std)
+        n = (depth - 4) // 6  # blocks per group
+        widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
+        self.normalize = _Normalize(mean, std)
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        groups = []
+        for g, stride in enumerate((1, 2, 2)):
+            blocks = [_WideBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1)
+                      for i in range(n)]
+            groups.append(nn.Sequential(*blocks))
+        self.block1, self.block2, self.block3 = groups
+        self.bn = nn.BatchNorm2d(widths[3])  # final BN + ReLU before pooling
+        self.feature_dim = widths[3]
+        self.num_classes = num_classes
+        self.head = nn.Linear(widths[3], num_classes)
+        _init_weights(self)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        o = self.conv1(self.normalize(x))
+        return self.block3(self.block2(self.block1(o)))  # (B, 64k, 8, 8) at 32x32 input
+
+    def pool(self, fmap: Tensor) -> Tensor:
+        return F.relu(self.bn(fmap)).mean(dim=(2, 3))
+
+
+# --- PreActResNet-18 (He et al. 2016), the network of Rice et al.'s PGD-AT baselines -----------------
+
+
+class _PreActBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        o = F.relu(self.bn1(x))
+        skip = self.shortcut(o) if self.shortcut is not None else x
+        o = self.conv1(o)
+        o = self.conv2(F.relu(self.bn2(o)))
+        return o + skip
+
+
+class PreActResNet18(_ExtractorBase):
+    """PreActResNet-18: 11.17M parameters, 512-d features."""
+
+    arch = "preact_resnet18"
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        mean: tuple[float, ...] | None = CIFAR_MEAN,
+        std: tuple[float, ...] | None = CIFAR_STD,
+    ) -> None:
+        if num_classes < 2:
+            raise ValueError(f"need num_classes >= 2, got {num_classes}")
+        mean, std = _tuple_or_none(mean), _tuple_or_none(std)
+        super().__init__(num_classes=num_classes, mean=mean, std=std)
+        self.normalize = _Normalize(mean, std)
+        self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        layers, c_in = [], 64
+        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            layers.append(nn.Sequential(_PreActBlock(c_in, c_out, stride), _PreActBlock(c_out, c_out, 1)))
+            c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.bn = nn.BatchNorm2d(512)
+        self.feature_dim = 512
+        self.num_classes = num_classes
+        self.head = nn.Linear(512, num_classes)
+        _init_weights(self)
+
+    def feature_map(self, x: Tensor) -> Tensor:
+        return self.layers(self.conv1(self.normalize(x)))  # (B, 512, 4, 4) at 32x32 input
+
+    def pool(self, fmap: Tensor) -> Tensor:
+        return F.relu(self.bn(fmap)).mean(dim=(2, 3))
+
+
+def _tuple_or_none(v: Any) -> tuple[float, ...] | None:
+    return None if v is None else tuple(float(a) for a in v)
+
+
+def _init_weights(model: nn.Module) -> None:
+    # He-normal convs (fan_out), unit BN, zero linear bias: the usual WRN initialisation.
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Linear):
+            nn.init.zeros_(m.bias)
+
+
+# --- construction, counting ---------------------------------------------------------------------------
+
+_ARCHS: dict[str, type[_ExtractorBase]] = {"wrn": WideResNet, "preact_resnet18": PreActResNet18}
+
+
+def model_from_spec(spec: dict[str, Any]) -> _ExtractorBase:
+    """Rebuild a model from ``model.spec()`` (architecture name + constructor arguments)."""
+    arch = spec.get("arch")
+    if arch not in _ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; valid: {list(_ARCHS)}")
+    return _ARCHS[arch](**spec.get("kwargs", {}))
+
+
+def build_model(config: Any, num_classes: int) -> _ExtractorBase:
+    """A model from an `afs.config.ModelConfig` (``arch``, ``depth``, ``widen_factor``)."""
+    if config.arch == "wrn":
+        return WideResNet(config.depth, config.widen_factor, num_classes)
+    return model_from_spec({"arch": config.arch, "kwargs": {"num_classes": num_classes}})
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
+    """Forward FLOPs counted by ``torch.utils.flop_counter`` (one multiply-accumulate = 2 FLOPs).
+
+    The paper's Table VI "Flops (G)" column counts multiply-accumulates, i.e. half of this number
+    (WRN-28-10: 10.49 GFLOP here, 5.24 G in the paper).
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(input_shape, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+# --- checkpoints ------------------------------------------------------------------------------------
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint holds another architecture or another width than the model it is loaded into."""
+
+
+def save_checkpoint(model: _ExtractorBase, path: str | os.PathLike, **extra: Any) -> None:
+    """Save weights with the architecture and its arguments, atomically. ``extra`` must be plain data."""
+    from afs.io import atomic_torch_save
+
+    payload = {"format": "afs-model/1", **model.spec(), "state_dict": model.state_dict(), "extra": extra}
+    atomic_torch_save(payload, Path(path))
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
+    """Read a checkpoint written by `save_checkpoint` with ``weights_only=True`` (no pickle code runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}")
+    payload = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "afs-model/1":
+        raise ValueError(f"{path} is not an afs model checkpoint (missing format tag 'afs-model/1')")
+    return payload
+
+
+def load_model(
+    path: str | os.PathLike, model: _ExtractorBase | None = None, map_location: Any = "cpu"
+) -> _ExtractorBase:
+    """Load a checkpoint. With ``model=None`` the network is rebuilt from the saved spec; otherwise the
+    checkpoint must describe exactly ``model``'s architecture and arguments, or `CheckpointMismatchError`."""
+    payload = load_checkpoint(path, map_location)
+    saved = {"arch": payload["arch"], "kwargs": _normalise_kwargs(payload["kwargs"])}
+    if model is None:
+        model = model_from_spec(saved)
+    else:
+        want = {"arch": model.arch, "kwargs": _normalise_kwargs(model.kwargs)}
+        if saved != want:
+            raise CheckpointMismatchError(
+                f"checkpoint {path} holds {_describe(saved)} but the model is {_describe(want)}"
+            )
+    model.load_state_dict(payload["state_dict"])
+    return model
+
+
+def _normalise_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    # JSON/pickle round trips turn tuples into lists; compare as tuples.
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+
+
+def _describe(spec: dict[str, Any]) -> str:
+    args = ", ".join(f"{k}={v}" for k, v in spec["kwargs"].items() if k not in ("mean", "std"))
+    name = _ARCHS[spec["arch"]].__name__ if spec["arch"] in _ARCHS else spec["arch"]
+    return f"{name}({args})"

@@ -1,0 +1,86 @@
+"""Models: the paper's WRN-28-10 sizes, the feature interface, checkpoints that refuse the wrong network."""
+
+import pytest
+import torch
+
+from afs.config import ModelConfig
+from afs.models import (
+    CheckpointMismatchError,
+    PreActResNet18,
+    WideResNet,
+    build_model,
+    count_flops,
+    count_parameters,
+    load_model,
+    save_checkpoint,
+)
+
+
+def test_wrn_28_10_matches_the_papers_size():
+    m = WideResNet(28, 10, num_classes=10)
+    assert count_parameters(m) == 36_479_194  # 36.48M (Table VI prints 36.47)
+    assert m.feature_dim == 640
+    # 10.49 GFLOP counted by torch.utils.flop_counter = 5.24 G multiply-accumulates (Table VI's "5.24").
+    flops = count_flops(m)
+    assert round(flops / 1e9, 2) == 10.49
+    assert round(flops / 2e9, 2) == 5.24
+
+
+def test_preact_resnet18_size():
+    m = PreActResNet18(num_classes=10)
+    assert count_parameters(m) == 11_172_170 and m.feature_dim == 512
+
+
+@pytest.mark.parametrize("model", [WideResNet(10, 2, 7), PreActResNet18(7)], ids=["wrn-10-2", "preact18"])
+def test_features_and_logits(model):
+    model.eval()
+    x = torch.rand(3, 3, 32, 32)
+    f = model.features(x)
+    assert f.shape == (3, model.feature_dim)
+    assert (f >= 0).all()  # after ReLU + average pool
+    torch.testing.assert_close(model(x), model.head(f))
+    assert model(x).shape == (3, 7)
+
+
+def test_normalisation_lives_inside_the_model():
+    m = WideResNet(10, 1, 10).eval()
+    x = torch.rand(2, 3, 32, 32)
+    m2 = WideResNet(10, 1, 10, mean=None, std=None).eval()
+    m2.load_state_dict(m.state_dict())
+    assert not torch.allclose(m(x), m2(x))  # same weights, different input scaling
+    assert "mean" not in m.state_dict()  # fixed buffers are not weights
+
+
+def test_checkpoint_round_trip(tmp_path):
+    m = WideResNet(10, 2, 10)
+    with torch.no_grad():
+        m.head.bias.add_(1.0)
+    m.bn.running_mean.add_(0.5)
+    save_checkpoint(m, tmp_path / "m.pt", budget=8)
+    rebuilt = load_model(tmp_path / "m.pt")
+    assert isinstance(rebuilt, WideResNet) and rebuilt.kwargs == m.kwargs
+    for (k, a), (_, b) in zip(m.state_dict().items(), rebuilt.state_dict().items()):
+        assert torch.equal(a, b), k
+    into = load_model(tmp_path / "m.pt", WideResNet(10, 2, 10))
+    x = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(into.eval()(x), m.eval()(x))
+
+
+def test_checkpoint_into_wrong_network_is_a_clear_error(tmp_path):
+    save_checkpoint(WideResNet(10, 2, 10), tmp_path / "m.pt")
+    with pytest.raises(CheckpointMismatchError, match=r"widen_factor=2.*widen_factor=1"):
+        load_model(tmp_path / "m.pt", WideResNet(10, 1, 10))
+    with pytest.raises(CheckpointMismatchError, match="PreActResNet18"):
+        load_model(tmp_path / "m.pt", PreActResNet18(10))
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        load_model(tmp_path / "missing.pt")
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an afs model checkpoint"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        WideResNet(depth=12)
+    with pytest.raises(ValueError, match="unknown architecture"):
+        build_model(ModelConfig(arch="vit"), 10)
