@@ -134,6 +134,7 @@ class EvalConfig:
     aa_version: str = "standard"
     batch_size: int = 500
     curve_budgets: tuple[int, ...] = (0, 2, 4, 6, 8, 10, 12, 14, 16)  # Fig. 4a x-axis, in 1/255
+    curve_size: int | None = None  # test images per point of the Fig. 4a curves; None = the PGD test set
 
 
 @dataclass(frozen=True)
@@ -267,20 +268,20 @@ PAPER = Profile(
 # Every code path in about two minutes on 2 CPU cores: a tiny WRN, a few hundred real images, one epoch.
 SMOKE = Profile(
     name="smoke",
-    data=DataConfig(name="cifar10-jpeg", train_size=600, val_size=100, test_size=200),
+    data=DataConfig(name="cifar10-jpeg", train_size=256, val_size=64, test_size=64),
     model=ModelConfig(arch="wrn", depth=10, widen_factor=1),
     extractor=ExtractorConfig(
-        budgets=(0, 2, 4, 8), epochs=2, batch_size=100, lr=0.05, lr_milestones=(1,), attack_steps=3,
-        attack_step_size=2.5 / 255, val_attack_steps=3,
+        budgets=(0, 4, 8), epochs=1, batch_size=64, lr=0.05, lr_milestones=(1,), attack_steps=2,
+        attack_step_size=4 / 255, val_attack_steps=2,
     ),
     merger=MergerConfig(
-        stack=(2, 4, 8), epochs=2, batch_size=100, lr=0.05, lr_milestones=(1,), attack_steps=3,
-        attack_step_size=3 / 255,
+        stack=(4, 8), epochs=1, batch_size=64, lr=0.05, lr_milestones=(1,), attack_steps=2,
+        attack_step_size=4 / 255,
     ),
-    evaluation=EvalConfig(aa_size=16, batch_size=200, pgd_steps=(10, 20), curve_budgets=(0, 4, 8, 16)),
+    evaluation=EvalConfig(aa_size=8, batch_size=64, curve_budgets=(0, 8, 16), curve_size=32),
     experiments=ExperimentConfig(
-        alphas=(0.0, 0.5, 1.0), masks=("1001", "1111"), wide_widen_factor=2, tsne_size=200,
-        tsne_budgets=(2, 8), random_budget_range=(2, 8),
+        alphas=(0.0, 1.0), masks=("101",), wide_widen_factor=2, tsne_size=64, tsne_budgets=(0, 8),
+        random_budget_range=(4, 8),
     ),
 )
 

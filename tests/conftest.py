@@ -14,3 +14,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 import torch  # noqa: E402
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def real_cifar10(tmp_path_factory):
+    """The offline CIFAR-10 copy (train, test), decoded once per session. CI has it beside the repo."""
+    from pathlib import Path
+
+    from afs.data import load_dataset
+
+    root = Path(os.environ.get("AFS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (root / "cifar10-jpeg.tar.gz").exists() and not (root / "cifar10-jpeg").exists():
+        pytest.skip(f"the offline CIFAR-10 copy is not at {root} (set AFS_DATA)")
+    cache = Path(os.environ.get("AFS_CACHE", tmp_path_factory.mktemp("afs-cache")))
+    return load_dataset("cifar10-jpeg", root, "train", cache_dir=cache), load_dataset("cifar10-jpeg", root, "test", cache_dir=cache)

@@ -1,0 +1,221 @@
+"""Evaluation protocol of the paper: clean accuracy, PGD-10/PGD-20 and AutoAttack, per sample.
+
+Section III, "Evaluation protocol": PGD with eps = 8/255 and step 2/255, 10 and 20 steps, on the whole
+model (for AFS the whole stack, so the attack is adaptive), and AutoAttack (``version="standard"``).
+Robustness means accuracy on adversarial examples at 8/255; the trade-off of Table IV is the mean of
+clean and AutoAttack accuracy.
+
+:func:`evaluate` runs any mix of ``"clean"``, ``"pgdK"`` (K steps), ``"fgsm"`` and ``"aa"`` over a whole
+test set in batches and keeps per-sample correctness, so later analyses (which samples the stack saves,
+agreement between attacks) need no rerun. :func:`robustness_curve` is Fig. 4a (accuracy vs eps).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from afs.attacks import FGSM, PGD, autoattack, check_images, check_labels, eval_mode, model_device
+
+__all__ = ["EvalResult", "evaluate", "robustness_curve", "trade_off", "parse_attack"]
+
+_PGD_NAME = re.compile(r"pgd([1-9][0-9]*)")
+_VALID_FORMS = "'clean', 'fgsm', 'aa' (AutoAttack) or 'pgdK' with K >= 1 steps (e.g. 'pgd10', 'pgd20')"
+
+
+@dataclass
+class EvalResult:
+    """Accuracies (percent) and per-sample correctness of one evaluation, keyed by attack name."""
+
+    accuracy: dict[str, float]  # e.g. {"clean": 84.1, "pgd10": 55.0}, percent of n
+    correct: dict[str, torch.Tensor] = field(repr=False)  # bool [n] on the CPU, True = still correct
+    n: int  # number of evaluated samples
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON-able part (for ``metrics.json``): n and the accuracies."""
+        return {"n": self.n, "accuracy": dict(self.accuracy)}
+
+
+def parse_attack(name: Any) -> tuple[str, int]:
+    """``"pgd20"`` -> ``("pgd", 20)``; ``"clean"``/``"fgsm"``/``"aa"`` -> ``(name, 0)``; else ValueError."""
+    if not isinstance(name, str):
+        raise TypeError(f"attack names are strings, got {type(name).__name__}: {name!r}; valid forms: {_VALID_FORMS}")
+    key = name.strip().lower()
+    if key in ("clean", "fgsm", "aa"):
+        return key, 0
+    m = _PGD_NAME.fullmatch(key)
+    if m is None:
+        raise ValueError(f"unknown attack {name!r}; valid forms: {_VALID_FORMS}")
+    return "pgd", int(m.group(1))
+
+
+def _batch_seed(seed: int, batch_index: int) -> int:
+    """A seed for one batch from (seed, batch index) alone: a batch's random starts do not depend on
+    which batches ran before it. SeedSequence mixes the pair so neighbouring seeds are unrelated."""
+    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] % (2**63))
+
+
+def _as_images(x: Any) -> torch.Tensor:
+    """uint8 images are accepted (converted per batch to [0, 1]); float images must already be in [0, 1]."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
+        if x.dim() != 4:
+            raise ValueError(f"x must be a 4-D image batch (N, C, H, W), got shape {tuple(x.shape)}")
+        return x
+    return check_images(x)
+
+
+def _to_unit(xb: torch.Tensor) -> torch.Tensor:
+    return xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb
+
+
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    attacks: Sequence[str] = ("clean", "pgd10", "pgd20"),
+    *,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    aa_kwargs: dict[str, Any] | None = None,
+    compile: bool = False,
+) -> EvalResult:
+    """Accuracy of ``model`` on ``(x, y)`` under each attack in ``attacks``, with per-sample flags.
+
+    Args:
+        model: returns logits for [0, 1] images (a single net or a whole stacked model).
+        x: (N, C, H, W) uint8 (divided by 255 here) or float in [0, 1]; any device (moved per batch).
+        y: integer labels [N].
+        attacks: ``"clean"``, ``"pgdK"`` (K-step PGD from a uniform random start, eps/step_size below),
+            ``"fgsm"`` (one step of size eps) and ``"aa"`` (:func:`afs.attacks.autoattack` on all of x).
+        eps, step_size: the threat model (paper: 8/255 and 2/255).
+        batch_size: samples per batch for clean/PGD/FGSM (and AutoAttack's, unless ``aa_kwargs`` sets it).
+        seed: fixes every random start. Batch b's PGD starts use a seed derived from (seed, b), shared by
+            all PGD variants in that batch (PGD-20's first 10 iterates are then PGD-10's): results repeat
+            for a seed and batch size, whatever order batches run in. AutoAttack gets ``seed`` itself.
+        device: where the model runs; default its parameters' device.
+        progress: show a tqdm bar over batches.
+        aa_kwargs: extra keywords for :func:`afs.attacks.autoattack` (``version``, ``state_path``, ...).
+        compile: run PGD through the compiled attack loop (GPU speed; same results within float noise).
+
+    The model is in eval mode throughout; every submodule's mode is restored afterwards.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
+    if isinstance(attacks, str):
+        attacks = (attacks,)  # a single name, not its characters
+    if len(attacks) == 0:
+        raise ValueError(f"attacks is empty; give at least one of: {_VALID_FORMS}")
+    names: list[str] = []
+    kinds: dict[str, tuple[str, int]] = {}
+    for a in attacks:
+        kind = parse_attack(a)
+        key = kind[0] if kind[0] != "pgd" else f"pgd{kind[1]}"
+        if key not in kinds:
+            names.append(key)
+            kinds[key] = kind
+    x = _as_images(x)
+    n = x.shape[0]
+    y = check_labels(y, n, y.device if isinstance(y, torch.Tensor) else torch.device("cpu"))
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    dev = torch.device(device) if device is not None else model_device(model)
+    if n > 0:
+        # One-sample probe: a wrong output shape or an out-of-range label fails here, clearly, not mid-run.
+        with eval_mode(model), torch.no_grad():
+            probe = model(_to_unit(x[:1].to(dev)))
+        if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
+            got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+            raise ValueError(f"the model must return logits of shape (B, n_classes), got {got}")
+        check_labels(y, n, y.device, n_classes=probe.shape[1])
+
+    # One attack object per name (validates eps/step_size now, before any batch runs).
+    objs: dict[str, PGD] = {}
+    for key, (kind, steps) in kinds.items():
+        if kind == "pgd":
+            objs[key] = PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, compile=compile)
+        elif kind == "fgsm":
+            objs[key] = FGSM(model, eps=eps, compile=compile)
+    batched = [k for k in names if kinds[k][0] != "aa"]
+    correct = {k: torch.zeros(n, dtype=torch.bool) for k in names}
+
+    with eval_mode(model):
+        n_batches = (n + batch_size - 1) // batch_size
+        if batched:
+            bar = tqdm(total=n_batches, desc="evaluate", unit="batch", disable=not progress, leave=False)
+            try:
+                for b in range(n_batches):
+                    sl = slice(b * batch_size, min((b + 1) * batch_size, n))
+                    xb = _to_unit(x[sl].to(dev, non_blocking=True))
+                    yb = y[sl].to(dev, non_blocking=True)
+                    bseed = _batch_seed(seed, b)
+                    for key in batched:
+                        if kinds[key][0] == "clean":
+                            x_eval = xb
+                        else:
+                            x_eval = objs[key].perturb(xb, yb, seed=bseed)
+                        with torch.no_grad():
+                            correct[key][sl] = (model(x_eval).argmax(1) == yb).cpu()
+                    bar.update(1)
+                    bar.set_postfix({k: f"{100.0 * correct[k][: sl.stop].float().mean().item():.1f}" for k in batched})
+            finally:
+                bar.close()
+        if "aa" in kinds:
+            kw: dict[str, Any] = {"eps": eps, "seed": seed, "device": dev, "batch_size": batch_size}
+            kw.update(aa_kwargs or {})
+            x_unit = _to_unit(x) if x.dtype == torch.uint8 else x
+            correct["aa"] = autoattack(model, x_unit, y, **kw).robust.cpu()
+    accuracy = {k: 100.0 * correct[k].float().mean().item() if n > 0 else float("nan") for k in names}
+    return EvalResult(accuracy=accuracy, correct=correct, n=n)
+
+
+def robustness_curve(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps_list: Sequence[float],
+    *,
+    steps: int = 10,
+    step_size: float | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[tuple[float, float]]:
+    """Fig. 4a: PGD-``steps`` accuracy (percent) at each eps, as ``[(eps, accuracy), ...]``.
+
+    ``step_size=None`` scales the step with the budget, eps/4 (the paper's 2/255 at 8/255), so every
+    point of the curve is an equally strong attack; eps = 0 gives the clean accuracy.
+    """
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    eps_values = [float(e) for e in eps_list]
+    if not eps_values:
+        raise ValueError("eps_list is empty")
+    bad = [e for e in eps_values if not (0.0 <= e <= 1.0)]
+    if bad:
+        raise ValueError(f"every eps must be in [0, 1] (pixel units, e.g. 8/255), got {bad}")
+    curve = []
+    for e in eps_values:
+        res = evaluate(
+            model, x, y, (f"pgd{steps}",), eps=e, step_size=e / 4 if step_size is None else step_size,
+            batch_size=batch_size, seed=seed, device=device, progress=progress,
+        )  # fmt: skip
+        curve.append((e, res.accuracy[f"pgd{steps}"]))
+    return curve
+
+
+def trade_off(clean: float, aa: float) -> float:
+    """Table IV's trade-off score: the mean of clean and AutoAttack accuracy (same units as the inputs)."""
+    return (float(clean) + float(aa)) / 2.0

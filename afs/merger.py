@@ -1,0 +1,181 @@
+"""Training the linear merger of a stack (Eq. 5), with the same checkpoint/resume/log as extractors.
+
+    min_{W,b}  E_(x,y) [ alpha · CE(z(x), y) + (1 - alpha) · max_{|x̂ - x|_inf <= eps} CE(z(x̂), y) ]
+
+x̂ is PGD (``attack_steps`` steps of ``attack_step_size`` at ``eps``, 8/255 in the paper) against the
+**whole stacked model**, regenerated for every batch with the current merger. Two modes:
+
+* ``paired`` (default): Eq. 5 as written, both terms on the same samples of each batch;
+* ``split``: the authors' released code: the first ``floor(alpha·B)`` samples of a batch stay clean, the
+  rest are replaced by adversarial examples, and one mean cross-entropy is taken over the batch.
+
+Only the merger's parameters receive gradients: the extractors are frozen, so the features are computed
+under ``no_grad`` and the merger is trained on them (the backward pass never enters the extractors).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from enum import Enum
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from afs.attacks import PGD
+from afs.config import Profile
+from afs.data import DeviceLoader
+from afs.io import atomic_torch_save
+from afs.runs import RunDir, autocast_for, batch_seed, fit, iterate
+from afs.stacking import StackedModel
+from afs.training import TrainData
+
+__all__ = ["MergerMode", "train_merger", "split_count", "save_merger", "load_merger"]
+
+
+class MergerMode(str, Enum):
+    PAIRED = "paired"
+    SPLIT = "split"
+
+    @classmethod
+    def _missing_(cls, value: object) -> "MergerMode | None":
+        if isinstance(value, str):
+            return next((m for m in cls if m.value == value.lower()), None)
+        return None
+
+
+def split_count(alpha: float, batch: int) -> int:
+    """Clean samples in a ``split``-mode batch: ``floor(alpha · B)`` (the authors' code)."""
+    return int(math.floor(alpha * batch + 1e-9))  # 1e-9: 0.3 * 10 must give 3, not 2
+
+
+def save_merger(stack: StackedModel, path: str | Path, **extra: object) -> None:
+    atomic_torch_save({"format": "afs-merger/1", "feature_dims": list(stack.feature_dims),
+                       "budgets": list(stack.budgets or ()), "state_dict": stack.merger.state_dict(),
+                       "extra": dict(extra)}, Path(path))
+
+
+def load_merger(stack: StackedModel, path: str | Path) -> StackedModel:
+    """Load merger weights into ``stack``; the checkpoint must describe the same feature blocks."""
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or payload.get("format") != "afs-merger/1":
+        raise ValueError(f"{path} is not an afs merger checkpoint")
+    if tuple(payload["feature_dims"]) != stack.feature_dims:
+        raise ValueError(f"merger checkpoint {path} was trained on feature blocks {payload['feature_dims']}, "
+                         f"this stack has {list(stack.feature_dims)}")
+    if payload["budgets"] and stack.budgets is not None and tuple(payload["budgets"]) != tuple(stack.budgets):
+        raise ValueError(f"merger checkpoint {path} belongs to members {payload['budgets']}, "
+                         f"this stack has {list(stack.budgets)}")
+    stack.merger.load_state_dict(payload["state_dict"])
+    return stack
+
+
+def train_merger(
+    stack: StackedModel,
+    config: Profile,
+    data: TrainData,
+    alpha: float | None = None,
+    mode: str | MergerMode | None = None,
+    *,
+    run_dir: str | Path,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> StackedModel:
+    """Train ``stack.merger`` by Eq. 5 and return the stack with the early-stopped merger (eval mode).
+
+    ``alpha`` and ``mode`` default to the profile's. ``alpha = 1`` trains on clean data only (no attack
+    is run); ``alpha = 0`` on adversarial data only. Selection: best validation ``clean + pgd`` (both
+    objectives of Eq. 5 weigh equally), on the held-out split.
+    """
+    mc = config.merger
+    alpha = mc.alpha if alpha is None else float(alpha)
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha weighs the clean term of Eq. 5 and must lie in [0, 1], got {alpha}")
+    try:
+        mode = MergerMode(mc.mode if mode is None else mode)
+    except ValueError:
+        raise ValueError(f"unknown merger mode {mode!r}; valid: {[m.value for m in MergerMode]}") from None
+    if not isinstance(stack, StackedModel):
+        raise TypeError(f"train_merger needs an afs.stacking.StackedModel, got {type(stack).__name__}")
+    device = torch.device(device) if device is not None else next(stack.parameters()).device
+    stack = stack.to(device)
+    run = RunDir(run_dir)
+    if run.is_complete():
+        return load_merger(stack, run.best).eval()
+    run.start({"stage": "merger", "alpha": alpha, "mode": mode.value, "budgets": list(stack.budgets or ()),
+               "feature_dims": list(stack.feature_dims), "profile": config.to_dict()}, device)
+
+    seed = config.seed * 7919 + round(alpha * 1000) + (1 if mode is MergerMode.SPLIT else 0)
+    torch.manual_seed(seed)
+    stack.merger.reset_parameters()
+    params = list(stack.merger.parameters())
+    optimizer = torch.optim.SGD(params, lr=mc.lr, momentum=mc.momentum, weight_decay=mc.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(mc.lr_milestones), gamma=mc.lr_gamma)
+    loader = DeviceLoader(data.train.images, data.train.labels, mc.batch_size, shuffle=True,
+                          augment=config.data.augment, drop_last=True, seed=seed, device=device)
+    attack = PGD(stack, eps=mc.eps, alpha=mc.attack_step_size, steps=mc.attack_steps)
+
+    def logits_of(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():  # frozen extractors: no graph through them
+            feats = stack.features(x)
+        return stack.merger(feats.float())
+
+    def train_epoch(epoch: int) -> dict[str, float]:
+        stack.train()
+        loader.set_epoch(epoch)
+        n = loss_sum = 0.0
+        for i, (x, y) in enumerate(iterate(loader, f"merger a={alpha} {mode.value} epoch {epoch + 1}", progress)):
+            attack.seed = batch_seed(seed, epoch, i)
+            with autocast_for(device, config.precision):
+                if mode is MergerMode.PAIRED:
+                    loss = 0.0
+                    if alpha > 0:
+                        loss = alpha * F.cross_entropy(logits_of(x), y)
+                    if alpha < 1:
+                        x_adv = attack(x, y)  # against the whole stack, with the current merger
+                        loss = loss + (1 - alpha) * F.cross_entropy(logits_of(x_adv), y)
+                else:
+                    k = split_count(alpha, len(y))
+                    x_mix = x.clone()
+                    if k < len(y):
+                        x_mix[k:] = attack(x[k:], y[k:])
+                    loss = F.cross_entropy(logits_of(x_mix), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n += len(y)
+            loss_sum += loss.item() * len(y)
+        return {"train_loss": loss_sum / n}
+
+    def validate(epoch: int) -> dict[str, float]:
+        stack.eval()
+        vl = DeviceLoader(data.val.images, data.val.labels, 256, shuffle=False, device=device)
+        val_attack = PGD(stack, eps=mc.eps, alpha=mc.attack_step_size, steps=mc.attack_steps)
+        clean = robust = 0
+        for i, (x, y) in enumerate(vl):
+            val_attack.seed = batch_seed(seed, -1, i)
+            with autocast_for(device, config.precision):
+                with torch.no_grad():
+                    clean += (stack(x).argmax(1) == y).sum().item()
+                x_adv = val_attack(x, y)
+                with torch.no_grad():
+                    robust += (stack(x_adv).argmax(1) == y).sum().item()
+        return {"clean": 100 * clean / len(data.val), "pgd": 100 * robust / len(data.val)}
+
+    t0 = time.time()
+    result = fit(run, model=stack.merger, optimizer=optimizer, scheduler=scheduler, epochs=mc.epochs,
+                 train_epoch=train_epoch, validate=validate, score=lambda v: v["clean"] + v["pgd"],
+                 save_best=lambda p: save_merger(stack, p, alpha=alpha, mode=mode.value),
+                 stop_after=stop_after)
+    if len(result.history) < mc.epochs:
+        return stack.eval()
+    best = result.history[result.best_epoch]
+    load_merger(stack, run.best)
+    run.finish({"alpha": alpha, "mode": mode.value, "budgets": list(stack.budgets or ()),
+                "best_epoch": result.best_epoch, "epochs": mc.epochs,
+                "val": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+                "importance_ratio": stack.importance_ratio().tolist(),
+                "train_seconds_this_call": time.time() - t0})
+    return stack.eval()

@@ -1,0 +1,309 @@
+"""The paper's experiments as one resumable pipeline over a run directory (``afs reproduce``).
+
+Every trained or evaluated artifact has a fixed place under ``<out>/<profile>/``; a stage whose result is
+there is skipped, an interrupted one resumes, so the notebooks and the CLI share artifacts and any
+notebook can run alone (it trains what is missing, reuses what exists)::
+
+    extractors/eps8/                 one PGD-AT network (Table I); eps3-8/ the random-budget ablation,
+                                     wrn-28-30-eps8/ the wider-network ablation (Table VI)
+    stacks/3-4-5-6-7-8_a0.5_paired/  one merger (Tables II-IV)
+    <any of these>/eval_test.json    test-set accuracies; eval_test.pt the per-sample correctness
+    summary.json                     everything the notebooks and README tables read
+
+Table/figure map: Table I `extractors`, Table II `alpha_sweep`, Table III `masks`, Table IV `comparison`
+(AutoAttack), Table VI `ablation`, Fig. 4a `curves`, Fig. 4b `stacks[*].importance_ratio`.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from afs.config import ModelConfig, Profile, eps_from_budget
+from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
+from afs.evaluation import evaluate, trade_off
+from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
+from afs.merger import MergerMode, train_merger
+from afs.models import build_model, count_flops, count_parameters
+from afs.stacking import LogitEnsemble, StackedModel
+from afs.training import TrainData, budget_name, train_extractor
+
+__all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "SUMMARY_VERSION"]
+
+SUMMARY_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ProfileData:
+    """The profile's slices of the data set: train/val (from the training set) and test."""
+
+    train: TrainData
+    test: ImageData  # the class-balanced test subset used for clean/PGD numbers
+    aa_index: torch.Tensor  # indices into `test` of the AutoAttack subset (class-balanced, fixed)
+    curve_index: torch.Tensor  # indices into `test` of the Fig. 4a subset
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.test.name, "train": len(self.train.train), "val": len(self.train.val),
+                "test": len(self.test), "aa": len(self.aa_index), "curve": len(self.curve_index),
+                "classes": list(self.test.classes)}
+
+
+def load_profile_data(profile: Profile, root: str | Path | None = None) -> ProfileData:
+    """Load the profile's data set and carve its deterministic subsets (seeded by ``profile.seed``)."""
+    dc, seed = profile.data, profile.seed
+    full_train = load_dataset(dc.name, root, "train")
+    full_test = load_dataset(dc.name, root, "test")
+    want = None if dc.train_size is None else dc.train_size + dc.val_size
+    pool = full_train.subset(balanced_subset(full_train.labels, want, seed=seed))
+    tr, va = train_val_split(pool.labels, dc.val_size, seed=seed)
+    test = full_test.subset(balanced_subset(full_test.labels, dc.test_size, seed=seed))
+    ev = profile.evaluation
+    aa = balanced_subset(test.labels, ev.aa_size, seed=seed + 1)
+    curve = balanced_subset(test.labels, ev.curve_size, seed=seed + 2)
+    return ProfileData(TrainData(pool.subset(tr), pool.subset(va)), test, aa, curve)
+
+
+def stack_name(budgets: Sequence[int], alpha: float, mode: str) -> str:
+    return f"{'-'.join(str(b) for b in budgets)}_a{alpha:g}_{MergerMode(mode).value}"
+
+
+class Pipeline:
+    """Trains and evaluates what a profile's experiments need, reusing whatever the run directory holds."""
+
+    def __init__(self, profile: Profile, out: str | Path = "runs", data_root: str | Path | None = None,
+                 device: torch.device | str | None = None, progress: bool = True) -> None:
+        self.profile = profile
+        self.root = Path(out) / profile.name
+        self.data_root = data_root
+        self.device = torch.device(device) if device is not None else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        self.progress = progress
+        self._data: ProfileData | None = None
+        self._models: dict[str, nn.Module] = {}
+        self.timings: dict[str, float] = {}
+
+    # --- data and trained artifacts ---------------------------------------------------------------
+    @property
+    def data(self) -> ProfileData:
+        if self._data is None:
+            self._data = load_profile_data(self.profile, self.data_root)
+        return self._data
+
+    def extractor_dir(self, eps: float | tuple[float, float], model_config: ModelConfig | None = None) -> Path:
+        name = budget_name(eps)
+        if model_config is not None and model_config != self.profile.model:
+            name = f"{model_config.arch}-{model_config.depth}-{model_config.widen_factor}-{name}"
+        return self.root / "extractors" / name
+
+    def extractor(self, budget: int | tuple[int, int], model_config: ModelConfig | None = None) -> nn.Module:
+        """The network PGD-trained at ``budget``/255 (a (lo, hi) pair: random budget per batch)."""
+        eps = (eps_from_budget(budget[0]), eps_from_budget(budget[1])) if isinstance(budget, tuple) else eps_from_budget(budget)
+        d = self.extractor_dir(eps, model_config)
+        key = str(d)
+        if key not in self._models:
+            t0 = time.time()
+            self._models[key] = train_extractor(self.profile, self.data.train, eps, run_dir=d, device=self.device,
+                                                model_config=model_config, progress=self.progress)
+            self._time(f"train {d.name}", t0)
+        return self._models[key]
+
+    def stack_dir(self, budgets: Sequence[int], alpha: float, mode: str) -> Path:
+        return self.root / "stacks" / stack_name(budgets, alpha, mode)
+
+    def stack(self, budgets: Sequence[int], alpha: float | None = None, mode: str | None = None) -> StackedModel:
+        """The stack of the extractors at ``budgets`` with a merger trained at (alpha, mode) (Eq. 5)."""
+        mc = self.profile.merger
+        alpha = mc.alpha if alpha is None else alpha
+        mode = mc.mode if mode is None else MergerMode(mode).value
+        d = self.stack_dir(budgets, alpha, mode)
+        key = str(d)
+        if key not in self._models:
+            members = [self.extractor(b) for b in budgets]
+            stack = StackedModel(members, len(self.data.test.classes), budgets=tuple(budgets)).to(self.device)
+            t0 = time.time()
+            self._models[key] = train_merger(stack, self.profile, self.data.train, alpha, mode, run_dir=d,
+                                             device=self.device, progress=self.progress)
+            self._time(f"merger {d.name}", t0)
+        return self._models[key]
+
+    def ensemble(self, budgets: Sequence[int]) -> LogitEnsemble:
+        return LogitEnsemble([self.extractor(b) for b in budgets], budgets=tuple(budgets))
+
+    # --- evaluation, cached per artifact ----------------------------------------------------------
+    def evaluate(self, model: nn.Module, where: Path, attacks: Iterable[str], subset: str = "test") -> dict[str, float]:
+        """Accuracies (percent) of ``model`` on the test subset named by ``subset`` ("test" or "aa"),
+        reusing ``where/eval_<subset>.json``; per-sample correctness goes to ``where/eval_<subset>.pt``."""
+        ev = self.profile.evaluation
+        attacks = list(attacks)
+        jpath, spath = where / f"eval_{subset}.json", where / f"eval_{subset}.pt"
+        setting = {"eps": ev.eps, "step_size": ev.step_size, "seed": self.profile.seed, "aa_version": ev.aa_version}
+        done = read_json(jpath) if jpath.is_file() else {"setting": setting, "accuracy": {}}
+        if done.get("setting") != setting:  # evaluated under other settings: start over
+            done = {"setting": setting, "accuracy": {}}
+        missing = [a for a in attacks if a not in done["accuracy"]]
+        if missing:
+            x, y = self._subset(subset)
+            t0 = time.time()
+            res = evaluate(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
+                           batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
+                           progress=self.progress,
+                           aa_kwargs={"version": ev.aa_version, "state_path": where / f"aa_state_{subset}.json"})
+            self._time(f"eval {where.name} {missing}", t0)
+            samples = torch.load(spath, weights_only=True) if spath.is_file() else {}
+            samples.update({k: v.cpu() for k, v in res.correct.items()})
+            atomic_torch_save(samples, spath)
+            done["accuracy"].update(res.accuracy)
+            done["n"] = res.n
+            atomic_write_json(jpath, done)
+        return {a: done["accuracy"][a] for a in attacks}
+
+    def _subset(self, subset: str) -> tuple[torch.Tensor, torch.Tensor]:
+        t = self.data.test
+        if subset == "test":
+            return t.images, t.labels
+        idx = {"aa": self.data.aa_index, "curve": self.data.curve_index}[subset]
+        return t.images[idx], t.labels[idx]
+
+    def curve(self, model: nn.Module, where: Path) -> list[float]:
+        """PGD-10 accuracy at each of the profile's ``curve_budgets`` (Fig. 4a), on the curve subset."""
+        ev = self.profile.evaluation
+        path = where / "eval_curve.json"
+        key = {"budgets": list(ev.curve_budgets), "step_size": ev.step_size, "seed": self.profile.seed}
+        if path.is_file() and read_json(path).get("setting") == key:
+            return read_json(path)["accuracy"]
+        x, y = self._subset("curve")
+        t0 = time.time()
+        acc = [evaluate(model, x, y, attacks=("clean",) if b == 0 else ("pgd10",), eps=eps_from_budget(b),
+                        step_size=ev.step_size, batch_size=ev.batch_size, seed=self.profile.seed,
+                        device=self.device, progress=False).accuracy["clean" if b == 0 else "pgd10"]
+               for b in ev.curve_budgets]
+        self._time(f"curve {where.name}", t0)
+        atomic_write_json(path, {"setting": key, "accuracy": acc})
+        return acc
+
+    def _time(self, what: str, t0: float) -> None:
+        self.timings[what] = round(time.time() - t0, 1)
+
+    # --- the experiments --------------------------------------------------------------------------
+    def run_extractors(self) -> dict[str, dict[str, float]]:
+        """Table I: every budget's network on clean / PGD-10 / PGD-20."""
+        out = {}
+        for b in self.profile.extractor.budgets:
+            model = self.extractor(b)
+            d = self.extractor_dir(eps_from_budget(b))
+            out[str(b)] = {**self.evaluate(model, d, ("clean", "pgd10", "pgd20")),
+                           "best_epoch": read_json(d / "metrics.json")["best_epoch"]}
+        return out
+
+    def stack_record(self, budgets: Sequence[int], alpha: float, mode: str, aa: bool = False) -> dict[str, Any]:
+        stack = self.stack(budgets, alpha, mode)
+        d = self.stack_dir(budgets, alpha, mode)
+        rec: dict[str, Any] = {"name": d.name, "members": list(budgets), "alpha": alpha, "mode": mode,
+                               **self.evaluate(stack, d, ("clean", "pgd10", "pgd20")),
+                               "importance_ratio": stack.importance_ratio().tolist()}
+        if aa:
+            on_aa = self.evaluate(stack, d, ("clean", "aa"), subset="aa")
+            rec["aa"], rec["aa_clean"] = on_aa["aa"], on_aa["clean"]
+        return rec
+
+    def reproduce(self, write: bool = True) -> dict[str, Any]:
+        """Every stage the notebooks need; returns (and writes) ``summary.json``."""
+        p, t_start = self.profile, time.time()
+        default = tuple(p.merger.stack)
+        summary: dict[str, Any] = {"version": SUMMARY_VERSION, "profile": p.name, "config": p.to_dict(),
+                                   "dataset": self.data.describe(), "provenance": manifest(self.device)}
+        summary["extractors"] = self.run_extractors()
+
+        # The default stack in both merger modes (AutoAttack on both), the alpha sweep, the stacking sets.
+        stacks: dict[str, dict[str, Any]] = {}
+
+        def add(budgets: Sequence[int], alpha: float, mode: str, tag: str, aa: bool = False) -> None:
+            name = stack_name(budgets, alpha, mode)
+            if name not in stacks or (aa and "aa" not in stacks[name]):
+                stacks[name] = {**self.stack_record(budgets, alpha, mode, aa=aa), "tags": stacks.get(name, {}).get("tags", [])}
+            stacks[name]["tags"].append(tag)
+
+        for mode in ("paired", "split"):
+            add(default, p.merger.alpha, mode, f"default-{mode}", aa=True)
+        for a in p.experiments.alphas:
+            add(default, a, "paired", "alpha-sweep")
+        for mask in p.experiments.masks:
+            add(p.stack_for_mask(mask), p.merger.alpha, "paired", f"mask:{mask}")
+        summary["stacks"] = list(stacks.values())
+
+        # The naive approach: the mean of the members' logits.
+        ens = self.ensemble(default)
+        ens_dir = self.root / "ensembles" / "-".join(map(str, default))
+        summary["ensemble"] = {"members": list(default), **self.evaluate(ens, ens_dir, ("clean", "pgd10", "pgd20"))}
+
+        # Table IV: AutoAttack on the single 8/255 network (PGD-AT) and the default stack.
+        b8 = 8 if 8 in p.extractor.budgets else max(p.extractor.budgets)
+        single = self.extractor(b8)
+        sd = self.extractor_dir(eps_from_budget(b8))
+        aa_single = self.evaluate(single, sd, ("clean", "pgd20", "aa"), subset="aa")
+        st = stacks[stack_name(default, p.merger.alpha, p.merger.mode)]
+        e8 = summary["extractors"][str(b8)]
+        summary["comparison"] = {
+            "aa_images": len(self.data.aa_index),
+            "rows": [
+                {"method": f"PGD-AT ({b8}/255)", "clean": e8["clean"], "pgd": e8["pgd20"], "aa": aa_single["aa"],
+                 "tradeoff": trade_off(e8["clean"], aa_single["aa"]), "aa_subset_clean": aa_single["clean"]},
+                {"method": "AFS", "clean": st["clean"], "pgd": st["pgd20"], "aa": st["aa"],
+                 "tradeoff": trade_off(st["clean"], st["aa"]), "aa_subset_clean": st["aa_clean"]},
+            ],
+        }
+        summary["ablation"] = self.run_ablation(default, b8, e8, st)
+        summary["curves"] = self.run_curves(default)
+        summary["timings"] = {**self.timings, "total_this_call_s": round(time.time() - t_start, 1)}
+        if write:
+            atomic_write_json(self.root / "summary.json", summary)
+        return summary
+
+    def run_ablation(self, default: Sequence[int], b8: int, e8: dict[str, float], st: dict[str, Any]) -> list[dict[str, Any]]:
+        """Table VI: baseline, random budget per batch, a wider single network, AFS; params and FLOPs."""
+        p = self.profile
+        lo, hi = p.experiments.random_budget_range
+        wide_cfg = ModelConfig(p.model.arch, p.model.depth, p.experiments.wide_widen_factor)
+        rand = self.extractor((lo, hi))
+        wide = self.extractor(b8, wide_cfg)
+        rows = []
+        base = self.extractor(b8)
+        stack = self.stack(default)
+        for setting, model, d in (
+            (f"Baseline ({b8}/255)", base, None),
+            (f"Rand. pert. ({lo}-{hi}/255)", rand, self.extractor_dir((eps_from_budget(lo), eps_from_budget(hi)))),
+            (f"Large model (WRN-{wide_cfg.depth}-{wide_cfg.widen_factor}, {b8}/255)", wide,
+             self.extractor_dir(eps_from_budget(b8), wide_cfg)),
+            ("AFS", stack, None),
+        ):
+            acc = (e8 if setting.startswith("Baseline") else st if setting == "AFS"
+                   else self.evaluate(model, d, ("clean", "pgd20")))
+            flops = count_flops(model)
+            rows.append({"setting": setting, "params_M": count_parameters(model) / 1e6,
+                         "flops_G": flops / 1e9, "macs_G": flops / 2e9,
+                         "clean": acc["clean"], "pgd20": acc["pgd20"]})
+        return rows
+
+    def run_curves(self, default: Sequence[int]) -> dict[str, Any]:
+        """Fig. 4a: PGD-10 accuracy vs eps for the default stack and each single network it stacks."""
+        models = {"AFS": (self.stack(default), self.stack_dir(default, self.profile.merger.alpha, self.profile.merger.mode))}
+        for b in default:
+            models[f"#{b} ({b}/255)"] = (self.extractor(b), self.extractor_dir(eps_from_budget(b)))
+        return {"budgets_255": list(self.profile.evaluation.curve_budgets), "images": len(self.data.curve_index),
+                "accuracy": {k: self.curve(m, d) for k, (m, d) in models.items()}}
+
+
+def default_summary_path(profile: str, out: str | Path = "runs") -> Path:
+    return Path(out) / profile / "summary.json"
+
+
+def describe_model(model_config: ModelConfig, num_classes: int = 10) -> dict[str, float]:
+    """Parameters (M) and forward FLOPs (G, and G multiply-accumulates as in Table VI) of a network."""
+    m = build_model(model_config, num_classes)
+    f = count_flops(m)
+    return {"params_M": count_parameters(m) / 1e6, "flops_G": f / 1e9, "macs_G": f / 2e9}

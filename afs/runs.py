@@ -1,0 +1,194 @@
+"""Run directories and the one epoch loop that extractor and merger training share.
+
+A run directory holds everything a result needs to be trusted and resumed::
+
+    config.json     the profile (and stage arguments) that made it
+    manifest.json   git SHA, library versions, device, date
+    log.jsonl       one JSON line per epoch
+    state.pt        full training state after the last finished epoch (model, optimiser, scheduler,
+                    epoch, RNG states, best-so-far), written atomically
+    best.pt         the selected model (early stopping), an `afs.models` / merger checkpoint
+    metrics.json    written last: its presence marks the stage complete
+
+Resume is exact: each epoch's data order and augmentation come from ``(seed, epoch)`` and each batch's
+attack noise from ``(seed, epoch, batch)``, so a run killed anywhere and resumed from ``state.pt`` ends
+with the same weights as an uninterrupted run of the same seed on the same device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
+
+__all__ = ["RunDir", "RunConfigMismatchError", "fit", "batch_seed", "autocast_for", "FitResult"]
+
+
+class RunConfigMismatchError(RuntimeError):
+    """A run directory already holds a run made with a different configuration."""
+
+
+class RunDir:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # files
+    config = property(lambda self: self.path / "config.json")
+    log_file = property(lambda self: self.path / "log.jsonl")
+    state = property(lambda self: self.path / "state.pt")
+    best = property(lambda self: self.path / "best.pt")
+    metrics = property(lambda self: self.path / "metrics.json")
+
+    def is_complete(self) -> bool:
+        return self.metrics.is_file()
+
+    def read_metrics(self) -> dict[str, Any]:
+        return read_json(self.metrics)
+
+    def start(self, config: dict[str, Any], device: Any = None) -> None:
+        """Create the folder, or check that an existing run was made with the same ``config``."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        if self.config.is_file():
+            old = read_json(self.config)
+            if _canonical(old) != _canonical(config):
+                raise RunConfigMismatchError(
+                    f"{self.path} holds a run with a different configuration; use another --out folder "
+                    f"or delete it. Differences in: {sorted(_diff_keys(old, config))}"
+                )
+        else:
+            atomic_write_json(self.config, config)
+        atomic_write_json(self.path / "manifest.json", manifest(device))
+
+    def log(self, record: dict[str, Any]) -> None:
+        with open(self.log_file, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+
+    def truncate_log(self, last_epoch: int) -> None:
+        """Drop log lines of epochs after ``last_epoch`` (written before a kill, redone on resume)."""
+        if not self.log_file.is_file():
+            return
+        keep = [ln for ln in self.log_file.read_text().splitlines() if ln and json.loads(ln).get("epoch", -1) <= last_epoch]
+        self.log_file.write_text("".join(ln + "\n" for ln in keep))
+
+    def finish(self, metrics: dict[str, Any]) -> None:
+        atomic_write_json(self.metrics, metrics)
+
+
+def _canonical(d: Any) -> str:
+    return json.dumps(d, sort_keys=True, default=str)
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> set[str]:
+    keys = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            keys |= _diff_keys(va, vb, f"{prefix}{k}.")
+        elif _canonical(va) != _canonical(vb):
+            keys.add(prefix + k)
+    return keys
+
+
+def batch_seed(seed: int, epoch: int, batch: int) -> int:
+    """A distinct, reproducible seed for each (run, epoch, batch): attack noise independent of resume."""
+    return (seed * 1_000_003 + epoch * 10_007 + batch) % (2**31 - 1)
+
+
+def autocast_for(device: torch.device, precision: str) -> Any:
+    """bf16 autocast on CUDA under ``precision="auto"``; exact fp32 everywhere else."""
+    if precision == "auto" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, Any]]
+
+
+def fit(
+    run: RunDir,
+    *,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    epochs: int,
+    train_epoch: Callable[[int], dict[str, float]],
+    validate: Callable[[int], dict[str, float]],
+    score: Callable[[dict[str, float]], float] | None,
+    save_best: Callable[[Path], None],
+    stop_after: int | None = None,
+) -> FitResult:
+    """Run ``epochs`` epochs with checkpoint/resume and best-by-``score`` selection.
+
+    ``train_epoch(e)`` trains one epoch and returns its metrics; ``validate(e)`` evaluates on held-out
+    data; the epoch with the highest ``score(val)`` is written to ``best.pt`` by ``save_best`` (Rice et al.
+    early stopping: train the whole schedule, keep the best epoch; never select on the test set).
+    ``score=None`` keeps the last epoch instead (early stopping off).
+    ``stop_after`` ends the call after that many epochs *of this call* (used to test kill-and-resume).
+    """
+    start, best_epoch, best_score, history = 0, -1, -math.inf, []
+    if run.state.is_file():
+        state = torch.load(run.state, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_cpu"])
+        if torch.cuda.is_available() and state.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
+        start, best_epoch, best_score = state["epoch"] + 1, state["best_epoch"], state["best_score"]
+        history = list(state["history"])
+        run.truncate_log(state["epoch"])
+    done_here = 0
+    for epoch in range(start, epochs):
+        if stop_after is not None and done_here >= stop_after:
+            break
+        lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
+        train_metrics = train_epoch(epoch)
+        scheduler.step()
+        val = validate(epoch)
+        record = {"epoch": epoch, "lr": lr, **train_metrics,
+                  **{f"val_{k}": v for k, v in val.items()}}
+        s = float(epoch) if score is None else score(val)
+        if s > best_score:
+            best_epoch, best_score = epoch, s
+            save_best(run.best)
+        record["best_epoch"] = best_epoch
+        history.append(record)
+        run.log(record)
+        # Everything needed to continue exactly from here; atomic, so a kill leaves the previous epoch's.
+        atomic_torch_save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_epoch": best_epoch,
+                "best_score": best_score,
+                "history": history,
+                "rng_cpu": torch.get_rng_state(),
+                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            },
+            run.state,
+        )
+        done_here += 1
+    return FitResult(best_epoch, best_score, history)
+
+
+def iterate(loader: Iterable, desc: str, progress: bool) -> Iterable:
+    """A tqdm progress bar over ``loader`` (or the bare loader when ``progress`` is off)."""
+    if not progress:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=desc, leave=False, dynamic_ncols=True)

@@ -1,0 +1,186 @@
+"""PGD adversarial training of one feature extractor (Eq. 3-4), with early stopping and exact resume.
+
+For every mini-batch the inner maximisation of Eq. 3 is solved by the project's one PGD
+(`afs.attacks.PGD`: uniform random start, ``attack_steps`` signed steps of ``attack_step_size``,
+projection onto the eps-ball and the [0, 1] box), then the network takes one SGD step on the adversarial
+batch. Budget 0 is standard training.
+
+Attack-generation mode: the attack runs with the network in **eval mode** (BN uses its running
+statistics and is not updated by attack passes), as in TRADES' reference code; the weight update then
+runs in train mode. Madry's and Rice et al.'s code attack in train mode instead; both are standard, and
+this choice keeps the attack a pure function of the weights.
+
+Early stopping (Rice et al. 2020): the whole schedule is trained and the epoch with the best *validation*
+robust accuracy is kept, measured by PGD at the extractor's own training budget on a held-out part of the
+training set (clean accuracy for budget 0); the test set is never looked at.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from afs.attacks import PGD
+from afs.config import ModelConfig, Profile
+from afs.data import DeviceLoader, ImageData
+from afs.models import build_model, load_model, save_checkpoint
+from afs.runs import RunDir, autocast_for, batch_seed, fit, iterate
+
+__all__ = ["TrainData", "train_extractor", "budget_name", "accuracy"]
+
+
+@dataclass(frozen=True)
+class TrainData:
+    """The training split and the held-out validation split carved from it (never the test set)."""
+
+    train: ImageData
+    val: ImageData
+
+
+def budget_name(eps: float | tuple[float, float]) -> str:
+    """A run-directory name: ``eps8`` for 8/255, ``eps3-8`` for a random budget in [3/255, 8/255]."""
+    if isinstance(eps, tuple):
+        return f"eps{round(eps[0] * 255)}-{round(eps[1] * 255)}"
+    return f"eps{round(eps * 255)}"
+
+
+def _check_eps(eps: Any) -> tuple[float, float] | float:
+    if isinstance(eps, tuple):
+        lo, hi = map(float, eps)
+        if not 0 <= lo <= hi <= 1:
+            raise ValueError(f"a random budget range must satisfy 0 <= low <= high <= 1, got {eps}")
+        return lo, hi
+    eps = float(eps)
+    if not 0 <= eps <= 1:
+        raise ValueError(f"eps is an L-inf radius in [0, 1] pixel units (8/255 = {8 / 255:.4f}), got {eps}")
+    return eps
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
+    return (model(x).argmax(1) == y).float().mean().item() * 100
+
+
+def _validate(model: nn.Module, val: ImageData, eps: float, steps: int, step_size: float, device: torch.device,
+              precision: str, seed: int, batch_size: int) -> dict[str, float]:
+    """Clean and PGD accuracy (percent) on the validation split, in eval mode, deterministic."""
+    loader = DeviceLoader(val.images, val.labels, batch_size, shuffle=False, device=device)
+    was = model.training
+    model.eval()
+    clean = robust = 0.0
+    attack = PGD(model, eps=eps, alpha=step_size, steps=steps)
+    for i, (x, y) in enumerate(loader):
+        with autocast_for(device, precision):
+            with torch.no_grad():
+                clean += (model(x).argmax(1) == y).sum().item()
+            if eps > 0:
+                attack.seed = batch_seed(seed, -1, i)
+                x_adv = attack(x, y)
+                with torch.no_grad():
+                    robust += (model(x_adv).argmax(1) == y).sum().item()
+    model.train(was)
+    n = len(val)
+    out = {"clean": 100 * clean / n}
+    if eps > 0:
+        out["pgd"] = 100 * robust / n
+    return out
+
+
+def train_extractor(
+    config: Profile,
+    data: TrainData,
+    eps: float | tuple[float, float],
+    *,
+    run_dir: str | Path,
+    device: torch.device | str | None = None,
+    model_config: ModelConfig | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> nn.Module:
+    """PGD-AT one extractor at L-inf budget ``eps`` (pixel units, e.g. ``8/255``) and return the
+    early-stopped network (eval mode). ``eps=(lo, hi)`` draws a budget uniformly from [lo, hi] for every
+    batch (Table VI's 'Rand. pert.' ablation). A finished run directory is loaded, not retrained; an
+    interrupted one resumes from its last epoch. ``model_config`` overrides the profile's network
+    (Table VI's wider model). ``stop_after`` stops after that many epochs (for kill-and-resume tests).
+    """
+    eps = _check_eps(eps)
+    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ec = config.extractor
+    model_config = model_config or config.model
+    run = RunDir(run_dir)
+    num_classes = len(data.train.classes)
+    if run.is_complete():
+        return _ready(load_model(run.best, map_location=device), device)
+
+    run.start({"stage": "extractor", "eps": eps, "model": model_config.__dict__, "profile": config.to_dict()}, device)
+    seed = config.seed * 1000 + (round(eps[1] * 255) * 100 + round(eps[0] * 255) if isinstance(eps, tuple) else round(eps * 255))
+    torch.manual_seed(seed)  # weight initialisation
+    model = _ready(build_model(model_config, num_classes), device).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=ec.lr, momentum=ec.momentum, weight_decay=ec.weight_decay)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(ec.lr_milestones), gamma=ec.lr_gamma)
+    loader = DeviceLoader(data.train.images, data.train.labels, ec.batch_size, shuffle=True,
+                          augment=config.data.augment, drop_last=True, seed=seed, device=device)
+    eps_max = eps[1] if isinstance(eps, tuple) else eps
+    attack = PGD(model, eps=eps_max, alpha=ec.attack_step_size, steps=ec.attack_steps)
+
+    def train_epoch(epoch: int) -> dict[str, float]:
+        model.train()
+        loader.set_epoch(epoch)
+        total = correct = loss_sum = 0.0
+        t0 = time.time()
+        for i, (x, y) in enumerate(iterate(loader, f"{budget_name(eps)} epoch {epoch + 1}/{ec.epochs}", progress)):
+            s = batch_seed(seed, epoch, i)
+            with autocast_for(device, config.precision):
+                if eps_max > 0:
+                    if isinstance(eps, tuple):  # one budget per batch, drawn reproducibly
+                        g = torch.Generator().manual_seed(s)
+                        attack.eps = eps[0] + (eps[1] - eps[0]) * torch.rand((), generator=g).item()
+                    attack.seed = s
+                    x = attack(x, y)  # Eq. 4: PGD in eval mode; back in train mode afterwards
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)  # Eq. 3 outer minimisation
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            total += len(y)
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+        return {"train_loss": loss_sum / total, "train_adv_acc": 100 * correct / total, "epoch_time_s": time.time() - t0}
+
+    def validate(epoch: int) -> dict[str, float]:
+        return _validate(model, data.val, eps_max, ec.val_attack_steps, ec.attack_step_size, device,
+                         config.precision, seed, max(ec.batch_size, 256))
+
+    def score(val: dict[str, float]) -> float:
+        # Robustness at the training budget first; clean accuracy breaks ties (and decides for budget 0).
+        return val.get("pgd", 0.0) + 1e-3 * val["clean"] if eps_max > 0 else val["clean"]
+
+    def save_best(path: Path) -> None:
+        save_checkpoint(model, path, eps=eps_max)
+
+    t0 = time.time()
+    result = fit(run, model=model, optimizer=optimizer, scheduler=scheduler, epochs=ec.epochs,
+                 train_epoch=train_epoch, validate=validate, score=score if ec.early_stopping else None, save_best=save_best,
+                 stop_after=stop_after)
+    if len(result.history) < ec.epochs:  # stopped early on request: not complete, resumable
+        return model.eval()
+    best = result.history[result.best_epoch]
+    run.finish({
+        "eps": eps, "budget": budget_name(eps), "best_epoch": result.best_epoch, "epochs": ec.epochs,
+        "val": {k[4:]: v for k, v in best.items() if k.startswith("val_")},
+        "train_seconds_this_call": time.time() - t0,
+        "model": model_config.__dict__,
+    })
+    return _ready(load_model(run.best, map_location=device), device)
+
+
+def _ready(model: nn.Module, device: torch.device) -> nn.Module:
+    """On ``device``, in eval mode, with channels_last weights: convolutions then run NHWC, which is
+    faster on CPUs (oneDNN) and GPUs (tensor cores) alike and changes no arithmetic precision."""
+    return model.to(device=device, memory_format=torch.channels_last).eval()

@@ -1,0 +1,33 @@
+"""afs_kernels: fast PGD building blocks, importable without ``afs`` and without Triton.
+
+Each op has a fused Triton kernel (used on CUDA tensors) and a pure-PyTorch ``*_reference`` (the CPU path
+and the tests' oracle):
+
+- :func:`pgd_step` / :func:`pgd_step_reference`: one PGD iterate, L-inf or L2, projected and box-clamped.
+- :func:`random_start` / :func:`random_start_reference`: a uniform start inside the eps-ball.
+- :func:`pgd_loop`: THE PGD loop of the project (afs.attacks, training and evaluation all call it), and
+  :func:`compiled_pgd_loop` / :class:`CompiledPGD`, its ``torch.compile``d form.
+
+Triton runs on CPU tensors only under ``TRITON_INTERPRET=1``, which must be set before this package is
+imported (Triton reads it when the kernels are decorated).
+"""
+
+from ._common import HAS_TRITON, Backend, Norm
+from .attack_loop import CompiledPGD, compiled_pgd_loop, frozen_parameters, pgd_loop, sum_cross_entropy
+from .pgd_step import pgd_step, pgd_step_reference
+from .random_start import random_start, random_start_reference
+
+__all__ = [
+    "HAS_TRITON",
+    "Backend",
+    "Norm",
+    "CompiledPGD",
+    "compiled_pgd_loop",
+    "frozen_parameters",
+    "pgd_loop",
+    "pgd_step",
+    "pgd_step_reference",
+    "random_start",
+    "random_start_reference",
+    "sum_cross_entropy",
+]
