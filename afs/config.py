@@ -285,21 +285,21 @@ SMOKE = Profile(
     ),
 )
 
-# The honest laptop run on real CIFAR-10 (sized to ~30 minutes on 2 cores; see README for measured cost).
+# The honest laptop run on real CIFAR-10, sized to about 30 minutes on 2 CPU cores: a tiny WRN-10-1,
+# 4,000 training images, four budgets, PGD-3 in training (PGD-10/20 and AutoAttack in evaluation).
 CPU = Profile(
     name="cpu",
-    data=DataConfig(name="cifar10-jpeg", train_size=10000, val_size=500, test_size=1000),
-    model=ModelConfig(arch="wrn", depth=10, widen_factor=2),
+    data=DataConfig(name="cifar10-jpeg", train_size=4000, val_size=400, test_size=500),
+    model=ModelConfig(arch="wrn", depth=10, widen_factor=1),
     extractor=ExtractorConfig(
-        budgets=(0, 2, 4, 6, 8), epochs=8, batch_size=128, lr=0.1, lr_milestones=(6,), attack_steps=5,
-        attack_step_size=2.5 / 255, val_attack_steps=5,
+        budgets=(0, 2, 4, 8), epochs=4, batch_size=128, lr=0.1, lr_milestones=(3,), attack_steps=3,
+        attack_step_size=3 / 255, val_attack_steps=3,
     ),
-    merger=MergerConfig(stack=(2, 4, 6, 8), epochs=3, lr_milestones=(2,), attack_steps=5, attack_step_size=2.5 / 255),
-    evaluation=EvalConfig(aa_size=200, batch_size=500),
+    merger=MergerConfig(stack=(2, 4, 8), epochs=2, lr_milestones=(1,), attack_steps=3, attack_step_size=3 / 255),
+    evaluation=EvalConfig(aa_size=64, batch_size=250, curve_budgets=(0, 4, 8, 12, 16), curve_size=200),
     experiments=ExperimentConfig(
-        alphas=(0.0, 0.25, 0.5, 0.75, 1.0),
-        masks=("10001", "10101", "11111"),
-        wide_widen_factor=4, tsne_size=1000, tsne_budgets=(0, 8), random_budget_range=(2, 8),
+        alphas=(0.0, 0.5, 1.0), masks=("1001", "1111"), wide_widen_factor=2, tsne_size=500,
+        tsne_budgets=(0, 8), random_budget_range=(2, 8),
     ),
 )
 
