@@ -16,16 +16,18 @@ Table/figure map: Table I `extractors`, Table II `alpha_sweep`, Table III `masks
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
+from afs.distributed import ClaimSettings, ClaimStatus, barrier, is_distributed, is_main, run_claimed, sharded_evaluate
 from afs.evaluation import evaluate, trade_off
 from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
 from afs.merger import MergerMode, train_merger
@@ -36,6 +38,7 @@ from afs.training import TrainData, budget_name, train_extractor
 __all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "SUMMARY_VERSION"]
 
 SUMMARY_VERSION = 1
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -73,10 +76,21 @@ def stack_name(budgets: Sequence[int], alpha: float, mode: str) -> str:
 
 
 class Pipeline:
-    """Trains and evaluates what a profile's experiments need, reusing whatever the run directory holds."""
+    """Trains and evaluates what a profile's experiments need, reusing whatever the run directory holds.
+
+    ``share_dir=True`` lets several workers (processes, GPUs, torchrun or SLURM jobs) share the run
+    directory: every training stage is taken through a claim file (`afs.distributed.StageClaim`), a stage
+    held by a live worker is waited for instead of trained twice, and one held by a dead worker is taken
+    over and resumed. `train_shared` spreads the grid over the workers; `work` is one worker's
+    ``reproduce``. Without it (the default) nothing changes: no claim files, stages run in order.
+    """
 
     def __init__(self, profile: Profile, out: str | Path = "runs", data_root: str | Path | None = None,
-                 device: torch.device | str | None = None, progress: bool = True) -> None:
+                 device: torch.device | str | None = None, progress: bool = True, *, share_dir: bool = False,
+                 claims: ClaimSettings | None = None) -> None:
+        self.share_dir = bool(share_dir)
+        self.claims = claims or ClaimSettings()
+        self.stages: dict[str, str] = {}  # shared mode: stage -> "trained" (by this worker) | "done"
         self.profile = profile
         self.root = Path(out) / profile.name
         self.data_root = data_root
@@ -102,21 +116,44 @@ class Pipeline:
 
     def extractor(self, budget: int | tuple[int, int], model_config: ModelConfig | None = None) -> nn.Module:
         """The network PGD-trained at ``budget``/255 (a (lo, hi) pair: random budget per batch)."""
+        model = self._extractor(budget, model_config, wait=True)
+        assert model is not None  # waiting never skips
+        return model
+
+    def _extractor(self, budget: int | tuple[int, int], model_config: ModelConfig | None, wait: bool) -> nn.Module | None:
         eps = (eps_from_budget(budget[0]), eps_from_budget(budget[1])) if isinstance(budget, tuple) else eps_from_budget(budget)
         d = self.extractor_dir(eps, model_config)
         key = str(d)
         if key not in self._models:
             t0 = time.time()
-            self._models[key] = train_extractor(self.profile, self.data.train, eps, run_dir=d, device=self.device,
-                                                model_config=model_config, progress=self.progress)
+            model = self._claimed(d, lambda: train_extractor(self.profile, self.data.train, eps, run_dir=d, device=self.device,
+                                                             model_config=model_config, progress=self.progress), wait)
+            if model is None:  # another live worker holds it (only when not waiting)
+                return None
+            self._models[key] = model
             self._time(f"train {d.name}", t0)
         return self._models[key]
+
+    def _claimed(self, d: Path, build: Callable[[], _T], wait: bool) -> _T | None:
+        """``build()`` (train or load the stage in ``d``), under the stage's claim when the dir is shared."""
+        if not self.share_dir:
+            return build()
+        status, out = run_claimed(d, build, is_complete=(d / "metrics.json").is_file, wait=wait,
+                                  **dataclasses.asdict(self.claims))
+        if status is not ClaimStatus.BUSY:
+            self.stages[str(d.relative_to(self.root))] = status.value
+        return out
 
     def stack_dir(self, budgets: Sequence[int], alpha: float, mode: str) -> Path:
         return self.root / "stacks" / stack_name(budgets, alpha, mode)
 
     def stack(self, budgets: Sequence[int], alpha: float | None = None, mode: str | None = None) -> StackedModel:
         """The stack of the extractors at ``budgets`` with a merger trained at (alpha, mode) (Eq. 5)."""
+        model = self._stack(budgets, alpha, mode, wait=True)
+        assert model is not None  # waiting never skips
+        return model
+
+    def _stack(self, budgets: Sequence[int], alpha: float | None, mode: str | None, wait: bool) -> StackedModel | None:
         mc = self.profile.merger
         alpha = mc.alpha if alpha is None else alpha
         mode = mc.mode if mode is None else MergerMode(mode).value
@@ -126,8 +163,11 @@ class Pipeline:
             members = [self.extractor(b) for b in budgets]
             stack = StackedModel(members, len(self.data.test.classes), budgets=tuple(budgets)).to(self.device)
             t0 = time.time()
-            self._models[key] = train_merger(stack, self.profile, self.data.train, alpha, mode, run_dir=d,
-                                             device=self.device, progress=self.progress)
+            merged = self._claimed(d, lambda: train_merger(stack, self.profile, self.data.train, alpha, mode, run_dir=d,
+                                                           device=self.device, progress=self.progress), wait)
+            if merged is None:  # another live worker holds it (only when not waiting)
+                return None
+            self._models[key] = merged
             self._time(f"merger {d.name}", t0)
         return self._models[key]
 
@@ -137,7 +177,9 @@ class Pipeline:
     # --- evaluation, cached per artifact ----------------------------------------------------------
     def evaluate(self, model: nn.Module, where: Path, attacks: Iterable[str], subset: str = "test") -> dict[str, float]:
         """Accuracies (percent) of ``model`` on the test subset named by ``subset`` ("test" or "aa"),
-        reusing ``where/eval_<subset>.json``; per-sample correctness goes to ``where/eval_<subset>.pt``."""
+        reusing ``where/eval_<subset>.json``; per-sample correctness goes to ``where/eval_<subset>.pt``.
+        Under a process group (``torchrun ... afs evaluate``) the images are sharded over the ranks
+        (`afs.distributed.sharded_evaluate`) and rank 0 writes the files."""
         ev = self.profile.evaluation
         attacks = list(attacks)
         jpath, spath = where / f"eval_{subset}.json", where / f"eval_{subset}.pt"
@@ -149,17 +191,20 @@ class Pipeline:
         if missing:
             x, y = self._subset(subset)
             t0 = time.time()
-            res = evaluate(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
+            run_eval = sharded_evaluate if is_distributed() else evaluate
+            res = run_eval(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
                            batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
                            progress=self.progress,
                            aa_kwargs={"version": ev.aa_version, "state_path": where / f"aa_state_{subset}.json"})
             self._time(f"eval {where.name} {missing}", t0)
-            samples = torch.load(spath, weights_only=True) if spath.is_file() else {}
-            samples.update({k: v.cpu() for k, v in res.correct.items()})
-            atomic_torch_save(samples, spath)
             done["accuracy"].update(res.accuracy)
             done["n"] = res.n
-            atomic_write_json(jpath, done)
+            if is_main():
+                samples = torch.load(spath, weights_only=True) if spath.is_file() else {}
+                samples.update({k: v.cpu() for k, v in res.correct.items()})
+                atomic_torch_save(samples, spath)
+                atomic_write_json(jpath, done)
+            barrier()
         return {a: done["accuracy"][a] for a in attacks}
 
     def _subset(self, subset: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,6 +255,56 @@ class Pipeline:
             on_aa = self.evaluate(stack, d, ("clean", "aa"), subset="aa")
             rec["aa"], rec["aa_clean"] = on_aa["aa"], on_aa["clean"]
         return rec
+
+    # --- several workers on one run directory ----------------------------------------------------
+    def grid(self) -> tuple[list[tuple[int | tuple[int, int], ModelConfig | None]], list[tuple[tuple[int, ...], float, str]]]:
+        """Every training stage `reproduce` needs: extractors as (budget, model config or None), then
+        mergers as (members, alpha, mode); mergers need their extractors, so they come second."""
+        p = self.profile
+        b8 = 8 if 8 in p.extractor.budgets else max(p.extractor.budgets)
+        wide = ModelConfig(p.model.arch, p.model.depth, p.experiments.wide_widen_factor)
+        extractors: list[tuple[int | tuple[int, int], ModelConfig | None]] = [(b, None) for b in p.extractor.budgets]
+        extractors += [(tuple(p.experiments.random_budget_range), None), (b8, wide)]  # Table VI ablations
+        default = tuple(p.merger.stack)
+        stacks = [(default, p.merger.alpha, "paired"), (default, p.merger.alpha, "split")]
+        stacks += [(default, a, "paired") for a in p.experiments.alphas]
+        stacks += [(tuple(p.stack_for_mask(m)), p.merger.alpha, "paired") for m in p.experiments.masks]
+        return extractors, list(dict.fromkeys(stacks))  # de-duplicated, order kept
+
+    def train_shared(self, extractors: Sequence[int | tuple[int, int]] | None = None,
+                     stacks: Sequence[tuple[Sequence[int], float, str]] | None = None) -> dict[str, str]:
+        """Train the grid's stages together with the other workers sharing this run directory.
+
+        First pass: train every stage nobody holds (claiming each), skipping those live workers hold;
+        second pass: wait for the skipped ones (or take over those whose worker died). Extractors first,
+        then mergers. ``extractors``/``stacks`` restrict the grid (default: all of `grid`). Returns
+        ``{stage: "trained" | "done"}``: trained by this worker, or found complete / completed by another.
+        """
+        if not self.share_dir:
+            raise ValueError("train_shared needs Pipeline(..., share_dir=True): without claims, workers would "
+                             "train the same stages")
+        ext, stk = self.grid()
+        if extractors is not None:
+            ext = [(b, None) for b in extractors]
+        if stacks is not None:
+            stk = [(tuple(b), float(a), str(m)) for b, a, m in stacks]
+        phases: list[list[Callable[[bool], Any]]] = [
+            [lambda w, b=b, mc=mc: self._extractor(b, mc, w) for b, mc in ext],
+            [lambda w, b=b, a=a, m=m: self._stack(b, a, m, w) for b, a, m in stk],
+        ]
+        for phase in phases:
+            skipped = [stage for stage in phase if stage(False) is None]
+            for stage in skipped:
+                stage(True)
+        return dict(self.stages)
+
+    def work(self) -> dict[str, Any] | None:
+        """One worker's ``reproduce`` on a shared run directory: `train_shared`, then the worker that claims
+        the summary evaluates everything and writes ``summary.json`` (returned); the others return None."""
+        self.train_shared()
+        status, summary = run_claimed(self.root, self.reproduce, is_complete=lambda: False, wait=False,
+                                      filename="summary.claim.json", **dataclasses.asdict(self.claims))
+        return summary if status is ClaimStatus.TRAINED else None
 
     def reproduce(self, write: bool = True) -> dict[str, Any]:
         """Every stage the notebooks need; returns (and writes) ``summary.json``."""
@@ -307,3 +402,41 @@ def describe_model(model_config: ModelConfig, num_classes: int = 10) -> dict[str
     m = build_model(model_config, num_classes)
     f = count_flops(m)
     return {"params_M": count_parameters(m) / 1e6, "flops_G": f / 1e9, "macs_G": f / 2e9}
+
+
+# --- summary.json schema ------------------------------------------------------------------------------
+
+_ACC = ("clean", "pgd10", "pgd20")
+
+
+def validate_summary(summary: dict[str, Any]) -> None:
+    """Raise ValueError naming the first missing or malformed field of a ``summary.json`` (schema in README)."""
+
+    def need(cond: bool, what: str) -> None:
+        if not cond:
+            raise ValueError(f"summary.json: {what}")
+
+    def pct(v: Any) -> bool:
+        return isinstance(v, (int, float)) and 0.0 <= v <= 100.0
+
+    need(summary.get("version") == SUMMARY_VERSION, f"version must be {SUMMARY_VERSION}")
+    for key in ("profile", "config", "dataset", "provenance", "extractors", "stacks", "comparison", "ablation", "curves"):
+        need(key in summary, f"missing '{key}'")
+    need(isinstance(summary["provenance"].get("git_sha"), (str, type(None))), "provenance.git_sha")
+    budgets = summary["config"]["extractor"]["budgets"]
+    for b in budgets:
+        rec = summary["extractors"].get(str(b))
+        need(rec is not None, f"extractors.{b} missing")
+        need(all(pct(rec.get(k)) for k in _ACC), f"extractors.{b} needs clean/pgd10/pgd20 in percent")
+    need(len(summary["stacks"]) > 0, "no stacks")
+    for i, s in enumerate(summary["stacks"]):
+        need(all(k in s for k in ("members", "alpha", "mode", "tags", "importance_ratio")), f"stacks[{i}] fields")
+        need(all(pct(s.get(k)) for k in _ACC), f"stacks[{i}] needs clean/pgd10/pgd20 in percent")
+        need(abs(sum(s["importance_ratio"]) - 1) < 1e-4, f"stacks[{i}].importance_ratio must sum to 1")
+        if "aa" in s:
+            need(pct(s["aa"]), f"stacks[{i}].aa must be a percentage")
+    defaults = [s for s in summary["stacks"] if any(t.startswith("default-") for t in s["tags"])]
+    need(len(defaults) == 2 and all("aa" in s for s in defaults), "the default stack needs both modes with AutoAttack")
+    for row in summary["comparison"]["rows"]:
+        need(all(pct(row.get(k)) for k in ("clean", "pgd", "aa", "tradeoff")), f"comparison row {row.get('method')}")
+    need(len(summary["ablation"]) == 4, "ablation needs 4 rows (Table VI)")

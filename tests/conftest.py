@@ -8,12 +8,13 @@ tensors; on a GPU machine, run with ``TRITON_INTERPRET=0`` to test the compiled 
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Two cores in CI: more threads than cores only adds contention.
-os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Two cores in CI: more threads than cores only adds contention. On a machine shared with other jobs,
+# OMP_NUM_THREADS=1 avoids OpenMP barrier stalls that can slow small convolutions tenfold.
+os.environ.setdefault("OMP_NUM_THREADS", str(min(2, os.cpu_count() or 1)))
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 
 import pytest  # noqa: E402
