@@ -303,7 +303,10 @@ CPU = Profile(
     ),
 )
 
-# Full CIFAR-10 on one GPU in minutes: a fast network, few epochs, the paper's whole grid.
+# Full CIFAR-10 on one GPU in minutes: a fast network, few epochs, the paper's whole grid. Not yet sized
+# by measurement (no GPU run so far): by FLOP count (WRN-16-4 = 0.79 GFLOP/forward, 13x less than
+# WRN-28-10) one PGD-10 AT epoch is ~1.2 s at the 15.3 s WRN-28-10 bound; the first GPU session tunes
+# epochs/steps so `scripts/device_quick.sh` fits its 10-minute calls (it resumes across calls).
 QUICK = Profile(
     name="quick",
     data=DataConfig(name="cifar10-jpeg", train_size=None, val_size=1000, test_size=None),

@@ -24,13 +24,8 @@ set +e
 timeout --signal=TERM "$LIMIT" $PY -m afs.cli reproduce --profile "$PROFILE" --out runs --no-progress
 rc=$?
 set -e
-mkdir -p "$OUT/results/$PROFILE"
 if [ -f "runs/$PROFILE/summary.json" ]; then
-  cp "runs/$PROFILE/summary.json" "$OUT/results/$PROFILE/"
-  # The per-stage logs and configs (small) travel too: provenance for every number.
-  (cd "runs/$PROFILE" && find . -name 'log.jsonl' -o -name 'metrics.json' -o -name 'config.json' -o -name 'manifest.json' \
-     -o -name 'eval_*.json' | tar -czf "$OUT/results/$PROFILE/stages.tar.gz" -T -)
-  echo "done: results in $OUT/results/$PROFILE"
+  bash scripts/collect_results.sh "$PROFILE" "$OUT/results" runs
 else
   echo "not finished (rc=$rc): run the same command again to resume"
 fi
