@@ -1,14 +1,20 @@
 """The ``afs`` command line: ``afs reproduce``, ``afs train-extractor``, ``afs train-merger``,
-``afs evaluate``, ``afs notebooks``, ``afs profiles``. ``afs <command> --help`` documents each."""
+``afs evaluate``, ``afs notebooks``, ``afs profiles``. ``afs <command> --help`` documents each.
+
+Scale-out uses torchrun itself (docs/distributed.md): ``torchrun --nproc-per-node=N -m afs.cli
+train-extractor ...`` trains one extractor data-parallel, ``torchrun ... -m afs.cli evaluate ...`` shards
+the test set, and ``afs reproduce --worker`` (one per GPU, or one per torchrun rank) shares the grid's
+stages through claim files in the run directory."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 __all__ = ["main"]
 
@@ -21,6 +27,30 @@ def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
         p.add_argument("--out", default="runs", help="run directory root; results go to OUT/<profile>/ (default: runs)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _scale_out(p: argparse.ArgumentParser, worker: bool = True, ddp: bool = True) -> None:
+    if worker:
+        p.add_argument("--worker", action="store_true",
+                       help="share OUT/<profile>/ with other workers: claim each stage (claim.json), skip stages live "
+                            "workers hold, take over those of dead ones; start one per GPU (or run under torchrun)")
+        p.add_argument("--claim-timeout", type=float, default=300.0, metavar="S",
+                       help="a claim whose heartbeat is older than S seconds is stale and taken over (default: 300)")
+    if ddp:
+        p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
+                       help="under torchrun: a collective waiting longer than S seconds (a dead or hung rank) "
+                            "fails the job (default: 600)")
+
+
+def _budget_or_range(text: str) -> int | tuple[int, int]:
+    """``8`` (8/255), or ``3-8``: a budget drawn per batch from [3/255, 8/255] (Table VI's ablation)."""
+    try:
+        parts = [int(b) for b in text.split("-")]
+    except ValueError:
+        parts = []
+    if len(parts) not in (1, 2):
+        raise argparse.ArgumentTypeError(f"a budget is an integer in 1/255 (e.g. 8) or a range LO-HI (e.g. 3-8); got {text!r}")
+    return parts[0] if len(parts) == 1 else (parts[0], parts[1])
 
 
 def _budgets(text: str) -> list[int]:
@@ -38,12 +68,23 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train all extractors, mergers and ablations of a profile, evaluate them, and "
                                    "write OUT/<profile>/summary.json. Finished stages are reused, interrupted ones resume.")
     _common(p)
+    _scale_out(p, ddp=False)
+    p.add_argument("--train-only", action="store_true",
+                   help="with --worker: train the grid's stages (shared with the other workers) and stop, leaving "
+                        "evaluation and summary.json to a later 'afs evaluate' / 'afs reproduce'")
 
     p = sub.add_parser("train-extractor", help="PGD-AT one extractor at a budget",
                        description="PGD adversarial training of one network at an L-inf budget (in 1/255), "
                                    "into OUT/<profile>/extractors/eps<B>/ (resumes if interrupted).")
     _common(p)
-    p.add_argument("--budget", type=int, required=True, help="training budget in 1/255 (8 means 8/255)")
+    p.add_argument("--budget", type=_budget_or_range, required=True,
+                   help="training budget in 1/255 (8 means 8/255); LO-HI draws one per batch (Table VI, e.g. 3-8)")
+    p.add_argument("--widen-factor", type=int, default=None,
+                   help="another width than the profile's (Table VI's large model: the profile's wide_widen_factor)")
+    _scale_out(p)
+    p.add_argument("--scale-batch", action="store_true",
+                   help="under torchrun: keep the profile's batch PER RANK and scale the learning rate linearly "
+                        "(default: the profile's batch is the global batch, split over the ranks)")
 
     p = sub.add_parser("train-merger", help="train the linear merger of a stack",
                        description="Train the merger (Eq. 5) over the extractors at --budgets (trained first if missing).")
@@ -61,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--mode", choices=("paired", "split"), default=None)
     p.add_argument("--attacks", default="clean,pgd10,pgd20", help="comma-separated: clean, pgdK, fgsm, aa")
+    _scale_out(p, worker=False)
 
     p = sub.add_parser("notebooks", help="execute the notebooks top to bottom into an output folder",
                        description="Run notebooks/NN_*.ipynb in order under a profile; executed copies go to OUT/.")
@@ -96,20 +138,79 @@ def _run(args: argparse.Namespace) -> int:
                       in_place=args.in_place)
         return 0
 
+    from afs import distributed
     from afs.pipeline import Pipeline
 
+    ranks = distributed.env_world_size()  # > 1 when torchrun started several processes
+    worker = bool(getattr(args, "worker", False))
+    if ranks > 1 and args.command == "train-merger":
+        raise ValueError("train-merger is not data-parallel: run it as one process, or let 'afs reproduce --worker' "
+                         "workers share the merger stages")
+    if ranks > 1 and args.command == "reproduce" and not worker:
+        raise ValueError("under torchrun 'afs reproduce' needs --worker (each rank then works on its own GPU, sharing "
+                         "the stages); for data-parallel training of one stage use 'train-extractor'")
     profile = get_profile(args.profile)
-    pipe = Pipeline(profile, args.out, args.data_root, args.device, progress=not args.no_progress)
+    if getattr(args, "scale_batch", False) and ranks > 1:
+        scaled = distributed.scale_profile(profile, ranks)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"--scale-batch: global batch {profile.extractor.batch_size} -> {scaled.extractor.batch_size} "
+                  f"({profile.extractor.batch_size} per rank), lr {profile.extractor.lr:g} -> {scaled.extractor.lr:g} "
+                  f"(linear scaling; recorded in the stage's config.json)", file=sys.stderr)
+        profile = scaled
+    if worker or ranks > 1:  # claims and process groups report through logging
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s afs[rank {os.environ.get('RANK', '0')}] %(message)s")
+    # One GPU per process under torchrun (cuda:LOCAL_RANK); reproduce --worker ranks are independent workers.
+    device = args.device or (distributed.local_device() if distributed.launched_by_torchrun() else None)
+    claims = None
+    if worker:
+        timeout = args.claim_timeout
+        claims = distributed.ClaimSettings(heartbeat_s=min(30.0, timeout / 10), stale_after_s=timeout,
+                                           poll_s=min(5.0, timeout / 10))
+    try:
+        if ranks > 1 and args.command in ("train-extractor", "evaluate"):
+            distributed.init_distributed(timeout_s=args.dist_timeout)
+        pipe = Pipeline(profile, args.out, args.data_root, device, progress=not args.no_progress,
+                        share_dir=worker, claims=claims)
+        return _command(args, profile, pipe, worker)
+    finally:
+        distributed.shutdown()
+
+
+def _command(args: argparse.Namespace, profile: Any, pipe: Any, worker: bool) -> int:
+    from afs import distributed
+
+    def say(text: str) -> None:
+        if distributed.is_main():  # rank 0 speaks for a data-parallel job
+            print(text)
+
     if args.command == "reproduce":
-        summary = pipe.reproduce()
-        print(f"wrote {pipe.root / 'summary.json'} ({summary['timings']['total_this_call_s']} s)")
+        if args.train_only and not worker:
+            raise ValueError("--train-only goes with --worker (several workers sharing the stages)")
+        if args.train_only:
+            stages = pipe.train_shared()
+            say(f"this worker trained {sorted(k for k, v in stages.items() if v == 'trained')}; the grid is complete")
+            return 0
+        if worker:
+            summary = pipe.work()
+            mine = sorted(k for k, v in pipe.stages.items() if v == "trained")
+            say(f"this worker trained {len(mine)} stage(s): {mine}")
+            if summary is None:
+                say("another worker holds the summary claim and writes summary.json")
+                return 0
+        else:
+            summary = pipe.reproduce()
+        say(f"wrote {pipe.root / 'summary.json'} ({summary['timings']['total_this_call_s']} s)")
     elif args.command == "train-extractor":
-        pipe.extractor(args.budget)
-        print(f"extractor eps{args.budget}: {pipe.extractor_dir(args.budget / 255)}")
+        from afs.config import ModelConfig
+
+        wide = None if args.widen_factor is None else ModelConfig(profile.model.arch, profile.model.depth, args.widen_factor)
+        pipe.extractor(args.budget, wide)
+        b = args.budget
+        say(f"extractor {b}: {pipe.extractor_dir((b[0] / 255, b[1] / 255) if isinstance(b, tuple) else b / 255, wide)}")
     elif args.command == "train-merger":
         budgets = args.budgets or list(profile.merger.stack)
         stack = pipe.stack(budgets, args.alpha, args.mode)
-        print(f"merger over {budgets}: importance ratios {[round(r, 3) for r in stack.importance_ratio().tolist()]}")
+        say(f"merger over {budgets}: importance ratios {[round(r, 3) for r in stack.importance_ratio().tolist()]}")
     elif args.command == "evaluate":
         attacks = [a.strip() for a in args.attacks.split(",") if a.strip()]
         if args.budget is not None:
@@ -121,7 +222,7 @@ def _run(args: argparse.Namespace) -> int:
         acc = pipe.evaluate(model, where, [a for a in attacks if a != "aa"])
         if "aa" in attacks:
             acc.update({f"{k} (AA subset)": v for k, v in pipe.evaluate(model, where, ("clean", "aa"), subset="aa").items()})
-        print(json.dumps(acc, indent=2))
+        say(json.dumps(acc, indent=2))
     return 0
 
 

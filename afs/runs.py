@@ -13,6 +13,10 @@ A run directory holds everything a result needs to be trusted and resumed::
 Resume is exact: each epoch's data order and augmentation come from ``(seed, epoch)`` and each batch's
 attack noise from ``(seed, epoch, batch)``, so a run killed anywhere and resumed from ``state.pt`` ends
 with the same weights as an uninterrupted run of the same seed on the same device.
+
+Under a process group (DDP, see `afs.distributed`) every rank runs the same loop, only rank 0 writes
+files, and every rank resumes from the same ``state.pt``; a barrier after the writes that other ranks read
+(``config.json`` at the start, ``best.pt``/``metrics.json`` at the end) makes them read complete files.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from afs import distributed
 from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
 
 __all__ = ["RunDir", "RunConfigMismatchError", "fit", "batch_seed", "autocast_for", "FitResult"]
@@ -39,6 +44,8 @@ class RunConfigMismatchError(RuntimeError):
 class RunDir:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        # Rank 0 of a process group (or a lone process) writes; the other ranks only read.
+        self.main = distributed.is_main()
 
     # files
     config = property(lambda self: self.path / "config.json")
@@ -55,7 +62,7 @@ class RunDir:
 
     def start(self, config: dict[str, Any], device: Any = None) -> None:
         """Create the folder, or check that an existing run was made with the same ``config``."""
-        self.path.mkdir(parents=True, exist_ok=True)
+        # Every rank checks (so all raise the same error together); only rank 0 writes.
         if self.config.is_file():
             old = read_json(self.config)
             if _canonical(old) != _canonical(config):
@@ -63,23 +70,34 @@ class RunDir:
                     f"{self.path} holds a run with a different configuration; use another --out folder "
                     f"or delete it. Differences in: {sorted(_diff_keys(old, config))}"
                 )
-        else:
+        elif self.main:
+            self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.config, config)
-        atomic_write_json(self.path / "manifest.json", manifest(device))
+        if self.main:
+            atomic_write_json(self.path / "manifest.json", manifest(device))
+        self.sync()
+
+    def sync(self) -> None:
+        """Wait until every rank is here (no-op in one process): files rank 0 wrote before are complete."""
+        distributed.barrier()
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         with open(self.log_file, "a") as f:
             f.write(json.dumps(record, sort_keys=True) + "\n")
 
     def truncate_log(self, last_epoch: int) -> None:
         """Drop log lines of epochs after ``last_epoch`` (written before a kill, redone on resume)."""
-        if not self.log_file.is_file():
+        if not self.main or not self.log_file.is_file():
             return
         keep = [ln for ln in self.log_file.read_text().splitlines() if ln and json.loads(ln).get("epoch", -1) <= last_epoch]
         self.log_file.write_text("".join(ln + "\n" for ln in keep))
 
     def finish(self, metrics: dict[str, Any]) -> None:
-        atomic_write_json(self.metrics, metrics)
+        if self.main:
+            atomic_write_json(self.metrics, metrics)
+        self.sync()
 
 
 def _canonical(d: Any) -> str:
@@ -136,9 +154,11 @@ def fit(
     early stopping: train the whole schedule, keep the best epoch; never select on the test set).
     ``score=None`` keeps the last epoch instead (early stopping off).
     ``stop_after`` ends the call after that many epochs *of this call* (used to test kill-and-resume).
+    Under a process group ``train_epoch``/``validate`` must return metrics already reduced over ranks
+    (the same on every rank), so that every rank selects the same best epoch.
     """
     start, best_epoch, best_score, history = 0, -1, -math.inf, []
-    if run.state.is_file():
+    if distributed.same_on_all_ranks(run.state.is_file(), f"{run.state} exists"):
         state = torch.load(run.state, map_location="cpu", weights_only=True)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -162,10 +182,14 @@ def fit(
         s = float(epoch) if score is None else score(val)
         if s > best_score:
             best_epoch, best_score = epoch, s
-            save_best(run.best)
+            if run.main:
+                save_best(run.best)
         record["best_epoch"] = best_epoch
         history.append(record)
         run.log(record)
+        done_here += 1
+        if not run.main:
+            continue
         # Everything needed to continue exactly from here; atomic, so a kill leaves the previous epoch's.
         atomic_torch_save(
             {
@@ -181,7 +205,7 @@ def fit(
             },
             run.state,
         )
-        done_here += 1
+    run.sync()  # best.pt and state.pt complete before any rank reads them
     return FitResult(best_epoch, best_score, history)
 
 

@@ -13,10 +13,18 @@ this choice keeps the attack a pure function of the weights.
 Early stopping (Rice et al. 2020): the whole schedule is trained and the epoch with the best *validation*
 robust accuracy is kept, measured by PGD at the extractor's own training budget on a held-out part of the
 training set (clean accuracy for budget 0); the test set is never looked at.
+
+Data parallelism (under ``torchrun``, see `afs.distributed`): the profile's batch is the *global* batch,
+each of the w ranks takes its rows ``r::w`` of every global batch (the loader sharded by rank, seeded per
+epoch), attacks them with the unwrapped network, and DDP averages the gradients; batch norm is
+synchronised and each rank's PGD start is its slice of the single-process start, so the run equals the
+one-process run up to floating-point summation order (and can resume on another number of GPUs).
+Metrics are all-reduced; only rank 0 writes run files; every rank resumes from ``state.pt``.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from afs import distributed
 from afs.attacks import PGD
 from afs.config import ModelConfig, Profile
 from afs.data import DeviceLoader, ImageData
@@ -69,13 +78,20 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 def _validate(model: nn.Module, val: ImageData, eps: float, steps: int, step_size: float, device: torch.device,
               precision: str, seed: int, batch_size: int) -> dict[str, float]:
-    """Clean and PGD accuracy (percent) on the validation split, in eval mode, deterministic."""
+    """Clean and PGD accuracy (percent) on the validation split, in eval mode, deterministic.
+
+    Under a process group rank r validates batches r, r + w, ... (each with the seed of its index, so the
+    numbers equal a single process's) and the counts are summed over ranks.
+    """
     loader = DeviceLoader(val.images, val.labels, batch_size, shuffle=False, device=device)
+    rank, world = distributed.rank(), distributed.world_size()
     was = model.training
     model.eval()
     clean = robust = 0.0
     attack = PGD(model, eps=eps, alpha=step_size, steps=steps)
     for i, (x, y) in enumerate(loader):
+        if i % world != rank:
+            continue
         with autocast_for(device, precision):
             with torch.no_grad():
                 clean += (model(x).argmax(1) == y).sum().item()
@@ -85,6 +101,7 @@ def _validate(model: nn.Module, val: ImageData, eps: float, steps: int, step_siz
                 with torch.no_grad():
                     robust += (model(x_adv).argmax(1) == y).sum().item()
     model.train(was)
+    clean, robust = distributed.all_reduce_sums([clean, robust])
     n = len(val)
     out = {"clean": 100 * clean / n}
     if eps > 0:
@@ -108,29 +125,60 @@ def train_extractor(
     batch (Table VI's 'Rand. pert.' ablation). A finished run directory is loaded, not retrained; an
     interrupted one resumes from its last epoch. ``model_config`` overrides the profile's network
     (Table VI's wider model). ``stop_after`` stops after that many epochs (for kill-and-resume tests).
+    Under a process group of w ranks this trains data-parallel (module docstring): ``config``'s batch is
+    the global batch and must be divisible by w (`afs.distributed.scale_profile` scales it instead).
     """
     eps = _check_eps(eps)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ddp = distributed.is_distributed()
+    world, rank = distributed.world_size(), distributed.rank()
+    if device is not None:
+        device = torch.device(device)
+    elif ddp:
+        device = distributed.local_device()
+    else:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if ddp and device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())  # init_distributed set it to LOCAL_RANK
+    progress = progress and rank == 0  # one progress bar per job, not one per rank
     ec = config.extractor
+    if ec.batch_size % world:
+        raise ValueError(f"the global batch {ec.batch_size} cannot be split evenly over {world} ranks; use a world "
+                         f"size that divides it, or scale the batch with the ranks (afs train-extractor --scale-batch)")
+    per_rank = ec.batch_size // world
     model_config = model_config or config.model
     run = RunDir(run_dir)
     num_classes = len(data.train.classes)
-    if run.is_complete():
+    if distributed.same_on_all_ranks(run.is_complete(), f"{run.metrics} exists"):
         return _ready(load_model(run.best, map_location=device), device)
 
     run.start({"stage": "extractor", "eps": eps, "model": model_config.__dict__, "profile": config.to_dict()}, device)
     seed = config.seed * 1000 + (round(eps[1] * 255) * 100 + round(eps[0] * 255) if isinstance(eps, tuple) else round(eps * 255))
     torch.manual_seed(seed)  # weight initialisation
     model = _ready(build_model(model_config, num_classes), device).train()
+    net: nn.Module = model  # what the training forward runs: the DDP wrapper under a process group
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # Global-batch BN statistics (afs.distributed explains the choice), then DDP (gradient averaging).
+        model = distributed.convert_sync_batchnorm(model, device)
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        if rank == 0:
+            print(f"{budget_name(eps)}: data-parallel over {world} ranks, global batch {ec.batch_size} "
+                  f"({per_rank} per rank), lr {ec.lr:g}, synchronised batch norm", file=sys.stderr, flush=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=ec.lr, momentum=ec.momentum, weight_decay=ec.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(ec.lr_milestones), gamma=ec.lr_gamma)
-    loader = DeviceLoader(data.train.images, data.train.labels, ec.batch_size, shuffle=True,
-                          augment=config.data.augment, drop_last=True, seed=seed, device=device)
+    # drop_last: every rank runs the same number of steps (DDP needs it); rank r gets rows r::w of each batch.
+    loader = DeviceLoader(data.train.images, data.train.labels, per_rank, shuffle=True,
+                          augment=config.data.augment, drop_last=True, seed=seed, device=device,
+                          rank=rank, world_size=world)
     eps_max = eps[1] if isinstance(eps, tuple) else eps
-    attack = PGD(model, eps=eps_max, alpha=ec.attack_step_size, steps=ec.attack_steps)
+    # The attack runs per rank on the unwrapped network (no DDP hooks, no gradient sync during PGD).
+    attack = (distributed.GlobalBatchPGD(model, eps=eps_max, alpha=ec.attack_step_size, steps=ec.attack_steps,
+                                         rank=rank, world_size=world)
+              if ddp else PGD(model, eps=eps_max, alpha=ec.attack_step_size, steps=ec.attack_steps))
 
     def train_epoch(epoch: int) -> dict[str, float]:
-        model.train()
+        net.train()
         loader.set_epoch(epoch)
         total = correct = loss_sum = 0.0
         t0 = time.time()
@@ -143,15 +191,19 @@ def train_extractor(
                         attack.eps = eps[0] + (eps[1] - eps[0]) * torch.rand((), generator=g).item()
                     attack.seed = s
                     x = attack(x, y)  # Eq. 4: PGD in eval mode; back in train mode afterwards
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)  # Eq. 3 outer minimisation
+                logits = net(x)
+                loss = F.cross_entropy(logits, y)  # Eq. 3 outer minimisation (DDP: mean of the rank means)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             total += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
-        return {"train_loss": loss_sum / total, "train_adv_acc": 100 * correct / total, "epoch_time_s": time.time() - t0}
+        total, correct, loss_sum = distributed.all_reduce_sums([total, correct, loss_sum])
+        out = {"train_loss": loss_sum / total, "train_adv_acc": 100 * correct / total, "epoch_time_s": time.time() - t0}
+        if ddp:  # the log says how the global batch was split
+            out.update(world_size=world, global_batch=ec.batch_size, per_rank_batch=per_rank)
+        return out
 
     def validate(epoch: int) -> dict[str, float]:
         return _validate(model, data.val, eps_max, ec.val_attack_steps, ec.attack_step_size, device,
