@@ -21,14 +21,23 @@ import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="session")
-def real_cifar10(tmp_path_factory):
+def real_data_root():
+    """Where the offline CIFAR-10 copy is: $AFS_DATA, else ../shared/data beside the repo (as in CI)."""
+    from pathlib import Path
+
+    root = Path(os.environ.get("AFS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+    if not (root / "cifar10-jpeg.tar.gz").exists() and not (root / "cifar10-jpeg").exists():
+        pytest.skip(f"the offline CIFAR-10 copy is not at {root} (set AFS_DATA)")
+    return root
+
+
+@pytest.fixture(scope="session")
+def real_cifar10(real_data_root, tmp_path_factory):
     """The offline CIFAR-10 copy (train, test), decoded once per session. CI has it beside the repo."""
     from pathlib import Path
 
     from afs.data import load_dataset
 
-    root = Path(os.environ.get("AFS_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
-    if not (root / "cifar10-jpeg.tar.gz").exists() and not (root / "cifar10-jpeg").exists():
-        pytest.skip(f"the offline CIFAR-10 copy is not at {root} (set AFS_DATA)")
     cache = Path(os.environ.get("AFS_CACHE", tmp_path_factory.mktemp("afs-cache")))
-    return load_dataset("cifar10-jpeg", root, "train", cache_dir=cache), load_dataset("cifar10-jpeg", root, "test", cache_dir=cache)
+    return (load_dataset("cifar10-jpeg", real_data_root, "train", cache_dir=cache),
+            load_dataset("cifar10-jpeg", real_data_root, "test", cache_dir=cache))

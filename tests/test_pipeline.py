@@ -13,9 +13,10 @@ from afs.pipeline import validate_summary
 
 
 @pytest.fixture(scope="module")
-def smoke_summary(real_cifar10, tmp_path_factory):
+def smoke_summary(real_data_root, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
-    assert main(["reproduce", "--profile", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert main(["reproduce", "--profile", "smoke", "--out", str(out), "--no-progress",
+                 "--data-root", str(real_data_root)]) == 0
     return out, json.loads((out / "smoke" / "summary.json").read_text())
 
 
@@ -31,7 +32,7 @@ def test_reproduce_smoke_writes_a_valid_summary(smoke_summary):
         assert {"config.json", "manifest.json", "log.jsonl", "metrics.json", "best.pt"} <= {p.name for p in d.iterdir()}
 
 
-def test_reproduce_again_reuses_everything(smoke_summary, monkeypatch):
+def test_reproduce_again_reuses_everything(smoke_summary, real_data_root, monkeypatch):
     out, first = smoke_summary
     import afs.training
 
@@ -39,7 +40,8 @@ def test_reproduce_again_reuses_everything(smoke_summary, monkeypatch):
         raise AssertionError("a finished stage was trained again")
 
     monkeypatch.setattr(afs.training.PGD, "__call__", boom)  # any training or evaluation attack would call it
-    assert main(["reproduce", "--profile", "smoke", "--out", str(out), "--no-progress"]) == 0
+    assert main(["reproduce", "--profile", "smoke", "--out", str(out), "--no-progress",
+                 "--data-root", str(real_data_root)]) == 0
     again = json.loads((out / "smoke" / "summary.json").read_text())
     assert again["extractors"] == first["extractors"] and again["comparison"] == first["comparison"]
 

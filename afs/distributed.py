@@ -1,0 +1,858 @@
+"""Scale-out through PyTorch's own stack: ``torchrun`` process groups, DDP helpers, stage claims, and
+sharded evaluation.
+
+Nothing here launches processes: ``torchrun`` (or SLURM + ``torchrun``) does, and this module reads the
+environment it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Four parts:
+
+* **Process group** (`init_distributed`, `rank`, `world_size`, `is_main`, `barrier`, `all_reduce_sums`,
+  `broadcast_object`, `same_on_all_ranks`): a group with a finite timeout, so a rank that dies or hangs
+  makes the others fail loudly instead of waiting forever. Without torchrun every helper is the trivial
+  single-process answer, so library code calls them unconditionally.
+* **Exact data parallelism** (`CrossRankBatchNorm2d`, `convert_sync_batchnorm`, `GlobalBatchPGD`,
+  `scale_profile`): a DDP run of one extractor computes what a single process computes with the same
+  global batch, up to floating-point summation order. Three things make it so: the loader gives rank r
+  the rows ``r::w`` of every global batch (`afs.data.DeviceLoader`), batch norm uses the statistics of
+  the *global* batch, and each rank's PGD random start is the slice of the start a single process would
+  draw for the whole batch. A run may therefore be resumed on a different number of GPUs.
+* **Stage claims** (`StageClaim`, `run_claimed`): several workers (processes, torchrun jobs, SLURM array
+  tasks) share one run directory; each stage is taken through an atomically created
+  ``<stage>/claim.json`` kept alive by a heartbeat, and a claim whose holder died is taken over.
+* **Sharded evaluation** (`sharded_evaluate`): the test set split across ranks by whole batches, every
+  image evaluated exactly once, per-sample results gathered back in test-set order; clean/PGD/FGSM
+  results are identical to `afs.evaluation.evaluate`'s.
+
+Batch-norm choice: in DDP training batch norm is synchronised across ranks (torch's ``SyncBatchNorm`` on
+CUDA; `CrossRankBatchNorm2d`, an all-reduce implementation, on other devices, where ``SyncBatchNorm``
+does not run). Plain per-rank BN would normalise over ``B / world`` samples (16 per GPU for the paper's
+128 on 8 GPUs), a different and noisier recipe that changes with the GPU count. The cost is small here:
+PGD-AT spends ~10/11 of its passes in the eval-mode attack, where BN uses running statistics and does
+not communicate; only the one train-mode forward/backward per step synchronises.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import socket
+import tempfile
+import threading
+import time
+import uuid
+from datetime import datetime, timedelta, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from afs.attacks import PGD
+
+__all__ = [
+    "Backend",
+    "DEFAULT_TIMEOUT_S",
+    "launched_by_torchrun",
+    "env_world_size",
+    "init_distributed",
+    "shutdown",
+    "is_distributed",
+    "rank",
+    "world_size",
+    "is_main",
+    "local_device",
+    "barrier",
+    "all_reduce_sums",
+    "broadcast_object",
+    "same_on_all_ranks",
+    "CrossRankBatchNorm2d",
+    "convert_sync_batchnorm",
+    "GlobalBatchPGD",
+    "scale_profile",
+    "ClaimStatus",
+    "ClaimSettings",
+    "StageClaim",
+    "run_claimed",
+    "sharded_evaluate",
+]
+
+log = logging.getLogger("afs.distributed")
+T = TypeVar("T")
+
+# A collective that waits longer than this raises (gloo) or tears the process down (NCCL's watchdog,
+# TORCH_NCCL_ASYNC_ERROR_HANDLING defaults to 3), so a dead peer cannot hang a job for hours. Ten minutes
+# covers the longest legitimate wait in our loops: rank 0 writing a WRN-28-10 checkpoint, or a stage's
+# validation on ranks that finished their shard early.
+DEFAULT_TIMEOUT_S = 600.0
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class Backend(str, Enum):
+    """Collective backend. Accepts ``Backend("nccl")`` or ``Backend.NCCL`` (any case)."""
+
+    NCCL = "nccl"  # CUDA tensors, one GPU per process
+    GLOO = "gloo"  # CPU tensors; what the tests use on localhost
+
+    @classmethod
+    def _missing_(cls, value: object) -> Backend | None:
+        if isinstance(value, str):
+            return next((m for m in cls if m.value == value.lower()), None)
+        return None
+
+
+# ----------------------------------------------------------------------------------------------------
+# The process group
+# ----------------------------------------------------------------------------------------------------
+
+
+def launched_by_torchrun() -> bool:
+    """Whether this process was started by torchrun (its rendezvous variables are in the environment)."""
+    return all(v in os.environ for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def _env_int(name: str) -> int:
+    raw = os.environ.get(name)
+    try:
+        value = int(raw)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise ValueError(f"environment variable {name} must be an integer (torchrun sets it), got {raw!r}") from None
+    if value < 0:
+        raise ValueError(f"environment variable {name} must be >= 0, got {value}")
+    return value
+
+
+def env_world_size() -> int:
+    """``WORLD_SIZE`` as torchrun set it (1 outside torchrun), before any process group exists."""
+    return _env_int("WORLD_SIZE") if launched_by_torchrun() else 1
+
+
+def init_distributed(backend: Backend | str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
+    """Join the process group torchrun describes; returns whether a group of two or more ranks exists.
+
+    Outside torchrun, or with ``WORLD_SIZE=1``, nothing is created and ``False`` is returned: every helper
+    in this module then answers for one process. ``backend`` defaults to NCCL when CUDA is available, else
+    gloo. ``timeout_s`` bounds every collective (see `DEFAULT_TIMEOUT_S`). Calling it again is a no-op.
+    """
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < math.inf:
+        raise ValueError(f"timeout_s must be a positive number of seconds, got {timeout_s!r}")
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size() > 1
+    if not launched_by_torchrun():
+        return False
+    world, rnk, local = _env_int("WORLD_SIZE"), _env_int("RANK"), _env_int("LOCAL_RANK")
+    if world < 1 or rnk >= world:
+        raise ValueError(f"inconsistent torchrun environment: RANK={rnk}, WORLD_SIZE={world}")
+    if world == 1:
+        return False
+    missing = [v for v in _TORCHRUN_VARS if v not in os.environ]
+    if missing:
+        raise ValueError(f"torchrun environment incomplete, missing {missing} (launch with torchrun)")
+    if not dist.is_available():
+        raise RuntimeError("this PyTorch build has no torch.distributed; install a build with distributed support")
+    be = Backend(backend) if backend is not None else (Backend.NCCL if torch.cuda.is_available() else Backend.GLOO)
+    if be is Backend.NCCL:
+        if not torch.cuda.is_available():
+            raise ValueError("backend 'nccl' needs CUDA GPUs; use backend 'gloo' on CPUs")
+        if local >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local} but only {torch.cuda.device_count()} CUDA device(s) are visible; "
+                             f"--nproc-per-node must not exceed the GPUs per node")
+        torch.cuda.set_device(local)  # NCCL binds each process to its own GPU
+    dist.init_process_group(be.value, init_method="env://", timeout=timedelta(seconds=float(timeout_s)))
+    if is_main():
+        log.info("process group: %d ranks, backend %s, timeout %.0f s", world, be.value, timeout_s)
+    return True
+
+
+def shutdown() -> None:
+    """Leave the process group (if any); safe to call always, e.g. in a ``finally``."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    """Whether this process is one of two or more ranks of an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank (0 without a process group)."""
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Number of ranks (1 without a process group)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0, the one rank that writes run files; True in a single process."""
+    return rank() == 0
+
+
+def local_device() -> torch.device:
+    """This process's device: ``cuda:LOCAL_RANK`` with GPUs (one GPU per process), else the CPU."""
+    if torch.cuda.is_available():
+        index = _env_int("LOCAL_RANK") if launched_by_torchrun() else torch.cuda.current_device()
+        if index >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={index} but only {torch.cuda.device_count()} CUDA device(s) are visible")
+        return torch.device("cuda", index)
+    return torch.device("cpu")
+
+
+def _comm_device() -> torch.device:
+    # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
+    if dist.get_backend() == Backend.NCCL.value:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process); raises once the group's timeout has passed."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sums(values: Sequence[float]) -> list[float]:
+    """Element-wise sums over ranks of per-rank metric sums (counts, loss sums), in float64."""
+    if not is_distributed():
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """``obj`` as rank ``src`` has it, on every rank (picklable objects; identity in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=_comm_device())
+    return box[0]
+
+
+def same_on_all_ranks(flag: bool, what: str) -> bool:
+    """``flag`` after checking every rank sees the same value; differing values raise RuntimeError.
+
+    Ranks decide on their own whether a run is complete or has a checkpoint to resume from; if one node
+    cannot see the files rank 0 wrote, the ranks would train different things and deadlock. This turns
+    that into an immediate, explained failure.
+    """
+    if not is_distributed():
+        return bool(flag)
+    t = torch.tensor([int(bool(flag)), -int(bool(flag))], dtype=torch.int64, device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # [max(flag), -min(flag)]
+    hi, lo = int(t[0]), -int(t[1])
+    if hi != lo:
+        raise RuntimeError(f"ranks disagree on whether {what}: the run directory must be on a file system every "
+                           f"node sees (a shared file system for multi-node jobs)")
+    return bool(hi)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Exact data parallelism: global-batch BN statistics and rank-independent attack noise
+# ----------------------------------------------------------------------------------------------------
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks with a gradient: d(sum over ranks)/d(local input) is the sum over ranks of the
+    upstream gradients, so the backward pass is the same all-reduce (torch's own differentiable
+    all-reduce in ``torch.distributed.nn`` is deprecated, its replacement private)."""
+
+    @staticmethod
+    def forward(ctx: Any, t: Tensor) -> Tensor:
+        out = t.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        out = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
+class CrossRankBatchNorm2d(nn.BatchNorm2d):
+    """``BatchNorm2d`` whose training-mode statistics are those of the global batch across all ranks.
+
+    A device-agnostic ``SyncBatchNorm`` (which runs on CUDA only): the per-channel sum, then the sum of
+    squared deviations from the global mean, are all-reduced by `_AllReduceSum`, whose
+    backward all-reduces the gradients, so the input gradient
+    is the gradient of the global-batch loss. Two passes (mean, then centred squares) rather than
+    ``E[x^2] - E[x]^2`` avoid cancellation. In eval mode, or without a process group, it is exactly
+    ``BatchNorm2d``. Same parameters and buffers, so checkpoints load into a plain ``BatchNorm2d``.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (self.training and is_distributed()):
+            return super().forward(x)
+        self._check_input_dim(x)
+        dims = (0, 2, 3)  # reduce over batch and space, one statistic per channel
+        c = x.shape[1]
+        local_n = x.shape[0] * x.shape[2] * x.shape[3]
+        # (C + 1,): channel sums and the element count, one all-reduce for both.
+        sums = _AllReduceSum.apply(torch.cat([x.sum(dims), x.new_full((1,), float(local_n))]))
+        n = sums[c].detach()
+        if float(n) < 2:
+            raise ValueError(f"batch norm needs more than one value per channel over the global batch, got {int(n)}")
+        mean = sums[:c] / n  # (C,)
+        centred = x - mean.view(1, c, 1, 1)
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n  # (C,) biased, for normalisation
+        y = centred * torch.rsqrt(var + self.eps).view(1, c, 1, 1)
+        if self.affine:
+            y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
+        if self.track_running_stats and self.running_mean is not None and self.running_var is not None:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                # momentum=None means a cumulative average, as in BatchNorm2d.
+                m = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                # Running variance is unbiased (n / (n-1)), as BatchNorm2d keeps it.
+                self.running_var.mul_(1 - m).add_(var.detach() * (n / (n - 1)), alpha=m)
+        return y
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """``module`` with every ``BatchNorm2d`` synchronised across ranks: torch's ``SyncBatchNorm`` on CUDA,
+    `CrossRankBatchNorm2d` elsewhere. Weights and running statistics are kept; call before wrapping in DDP."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if type(module) is nn.BatchNorm2d:  # exact type: an already converted layer is left alone
+        new = CrossRankBatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
+                                   module.track_running_stats, device=device)
+        new.load_state_dict(module.state_dict())
+        new.train(module.training)
+        if module.affine:
+            new.weight.requires_grad_(module.weight.requires_grad)
+            new.bias.requires_grad_(module.bias.requires_grad)
+        return new
+    for name, child in module.named_children():
+        converted = convert_sync_batchnorm(child, device)
+        if converted is not child:
+            setattr(module, name, converted)
+    return module
+
+
+class GlobalBatchPGD(PGD):
+    """PGD run by one rank on its rows of a global batch, with the random start a single process would
+    draw for those rows.
+
+    Rank ``r`` of ``w`` holds rows ``r::w`` of each global batch (`afs.data.DeviceLoader` sharding). The
+    start is drawn, from the batch's shared seed, for a batch of the global size in which this rank's
+    rows hold its images (the other rows hold placeholders: the noise stream depends on positions, not on
+    pixel values), and this rank's rows are kept. The gradient steps then run on the local rows only, so
+    the attack's cost is per rank; only the start's random numbers are drawn ``w`` times. With this, a
+    w-rank run of an extractor equals the one-process run up to floating-point summation order.
+    """
+
+    def __init__(self, model: nn.Module, *, rank: int, world_size: int, **kwargs: Any) -> None:
+        super().__init__(model, **kwargs)
+        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, {world_size - 1}], got {rank!r}")
+        self.rank, self.world_size = rank, world_size
+
+    def _start(self, x: Tensor, eps: Any, gen: torch.Generator | None) -> Tensor:
+        if not self.random_start or self.world_size == 1:
+            return super()._start(x, eps, gen)
+        rows = slice(self.rank, None, self.world_size)
+        full = x.new_full((x.shape[0] * self.world_size, *x.shape[1:]), 0.5)  # (w*b, C, H, W) placeholders
+        full[rows] = x
+        if isinstance(eps, Tensor) and eps.dim() == 1:  # per-sample budgets: place ours, zeros elsewhere
+            e = eps.new_zeros(full.shape[0])
+            e[rows] = eps
+            eps = e
+        return super()._start(full, eps, gen)[rows]
+
+
+def scale_profile(profile: Any, ranks: int) -> Any:
+    """The profile with the extractor's global batch and learning rate multiplied by ``ranks``.
+
+    The default keeps the profile's global batch (each rank takes ``batch / ranks``), which is the
+    paper's recipe on any number of GPUs. Scaling keeps the per-rank batch instead and raises the learning
+    rate linearly (Goyal et al. 2017): faster per epoch on many GPUs, but a different recipe, recorded as
+    such in the stage's ``config.json``.
+    """
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be an int >= 1, got {ranks!r}")
+    ec = profile.extractor
+    return profile.replace(extractor=dataclasses.replace(ec, batch_size=ec.batch_size * ranks, lr=ec.lr * ranks))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Stage claims: several workers, one run directory
+# ----------------------------------------------------------------------------------------------------
+
+
+def _proc_stat(pid: int) -> tuple[str, str] | None:
+    """(state, start time in clock ticks since boot) of a Linux process, or None where /proc has no entry."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = text[text.rfind(")") + 2 :].split()  # fields 3.. (the command name may contain spaces)
+    return rest[0], rest[19]  # field 3 = state, field 22 = starttime
+
+
+def _host_identity() -> dict[str, str]:
+    """What makes a pid meaningful: the host name, the kernel boot and the pid namespace (containers)."""
+    ident = {"host": socket.gethostname()}
+    for key, path in (("boot_id", "/proc/sys/kernel/random/boot_id"), ("pid_ns", "/proc/self/ns/pid")):
+        try:
+            ident[key] = os.readlink(path) if key == "pid_ns" else Path(path).read_text().strip()
+        except OSError:
+            ident[key] = ""
+    return ident
+
+
+def _who(info: dict[str, Any] | None) -> str:
+    """A claim's holder in a few words, for logs: ``pid 123 on node7 since <time> (SLURM job 42)``."""
+    if not info:
+        return "a worker (claim being written)"
+    job = "".join(f", {k}={v}" for k, v in (info.get("job") or {}).items())
+    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}{job}"
+
+
+def _pid_alive(pid: int, start: str | None) -> bool:
+    """Whether ``pid`` runs on this host and is the process that made the claim (not a reused pid)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by another user
+    stat = _proc_stat(pid)
+    if stat is None:
+        return True  # no /proc (not Linux): existence is all we can tell
+    state, started = stat
+    if state in ("Z", "X"):  # zombie or dead: exited, not yet reaped
+        return False
+    return start is None or started == start
+
+
+class ClaimStatus(str, Enum):
+    """What `run_claimed` did with a stage."""
+
+    TRAINED = "trained"  # this worker held the claim and ran the stage (fresh or resumed)
+    DONE = "done"  # the stage was already complete; its result was loaded
+    BUSY = "busy"  # another live worker holds the stage; skipped (only when not waiting)
+
+
+@dataclasses.dataclass(frozen=True)
+class ClaimSettings:
+    """Timing of stage claims (`StageClaim`, `run_claimed`); the defaults suit stages of minutes to days."""
+
+    heartbeat_s: float = 30.0  # how often a holder refreshes its claim's mtime
+    # A claim not refreshed for this long is stale (its holder died on another node, or hung). Ten missed
+    # heartbeats: long enough for a file-system hiccup, short enough that a restarted job soon takes over.
+    stale_after_s: float = 300.0
+    poll_s: float = 5.0  # how often a worker waiting for another's stage looks again
+
+
+class StageClaim:
+    """An exclusive, crash-tolerant claim on one stage (run directory) shared by several workers.
+
+    The claim is the file ``<stage>/claim.json`` (host, pid, start time, a token), created atomically: it
+    is written to a temporary file and hard-linked into place (``link`` fails if the name exists, and is
+    atomic on NFS too), falling back to ``open(O_CREAT | O_EXCL)`` where hard links are not supported.
+    While held, a background thread refreshes its mtime every ``heartbeat_s`` seconds. A claim is
+    **stale** when its heartbeat is older than ``stale_after_s`` (by the file system's own clock, so
+    clock skew between nodes does not matter), or when it names a process of this host that no longer
+    exists. A stale claim is taken over under a takeover lock (itself created atomically, so of several
+    workers racing exactly one proceeds), which checks the claim is still the very one judged stale and
+    swaps in its own with one atomic ``os.replace``: the claim file never disappears in between.
+
+    Residual risk, by design of leases: a holder stalled longer than ``stale_after_s`` (not just slow:
+    its heartbeat thread stalled too) loses its claim to another worker; its `lost` flag turns True.
+    Both then train the same stage; training is deterministic, so both write the same result.
+    """
+
+    FILE = "claim.json"
+
+    def __init__(self, stage_dir: str | os.PathLike, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
+                 filename: str = FILE) -> None:
+        for name, v in (("heartbeat_s", heartbeat_s), ("stale_after_s", stale_after_s)):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
+                raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
+        if stale_after_s < 3 * heartbeat_s:
+            raise ValueError(f"stale_after_s ({stale_after_s}) must be at least 3 x heartbeat_s ({heartbeat_s}), "
+                             f"or a live holder's claim could look stale between two heartbeats")
+        if not filename or "/" in filename or filename.startswith("."):
+            raise ValueError(f"filename must be a plain, non-hidden file name, got {filename!r}")
+        self.dir = Path(stage_dir)
+        self.path = self.dir / filename
+        self.heartbeat_s, self.stale_after_s = float(heartbeat_s), float(stale_after_s)
+        self.token = uuid.uuid4().hex
+        self.holder: dict[str, Any] | None = None  # after a failed acquire: who holds the stage
+        self._held = False
+        self._lost = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __repr__(self) -> str:
+        return f"StageClaim({str(self.dir)!r}, held={self._held}, heartbeat_s={self.heartbeat_s}, stale_after_s={self.stale_after_s})"
+
+    @property
+    def held(self) -> bool:
+        return self._held
+
+    @property
+    def lost(self) -> bool:
+        """True once another worker replaced this claim (it judged it stale); see the class docstring."""
+        return self._lost.is_set()
+
+    # --- acquiring -----------------------------------------------------------------------------------
+    def acquire(self) -> bool:
+        """Take the stage if it is free or its claim is stale; False if a live worker holds it. Never blocks."""
+        if self._held:
+            return True
+        self.dir.mkdir(parents=True, exist_ok=True)
+        for _ in range(5):  # create; else judge the holder; a takeover or a release in between: try again
+            if self._create():
+                return self._hold()
+            found = self._inspect()
+            if found is None:
+                continue  # released between our create and our look
+            info, st = found
+            if not self._is_stale(info, st):
+                self.holder = info
+                return False
+            if self._take_over(info, st):
+                return self._hold()
+        self.holder = self.read()  # e.g. another worker is taking the stale claim over right now
+        return False
+
+    def _hold(self) -> bool:
+        self._held, self.holder = True, None
+        self._lost.clear()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._beat, name=f"claim-heartbeat {self.dir.name}", daemon=True)
+        self._thread.start()
+        return True
+
+    def _payload(self) -> bytes:
+        ident = _host_identity()
+        stat = _proc_stat(os.getpid())
+        info = {
+            **ident, "pid": os.getpid(), "pid_start": stat[1] if stat else None, "token": self.token,
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "heartbeat_s": self.heartbeat_s, "stale_after_s": self.stale_after_s,
+            # Where the holder came from, for a human reading the file.
+            "job": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID", "RANK")
+                    if k in os.environ},
+        }
+        return (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()
+
+    def _create(self, path: Path | None = None, payload: bytes | None = None) -> bool:
+        """Atomically create ``path`` (the claim file) with ``payload`` (ours); False if it already exists."""
+        path = self.path if path is None else path
+        payload = self._payload() if payload is None else payload
+        fd, tmp = tempfile.mkstemp(prefix=".claim-", suffix=".tmp", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            try:
+                os.link(tmp, path)  # complete content appears at once, or not at all
+                return True
+            except FileExistsError:
+                return False
+            except OSError:
+                pass  # no hard links on this file system: O_EXCL below
+        finally:
+            os.unlink(tmp)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:  # readers may see it empty for a moment: judged by mtime only
+            f.write(payload)
+        return True
+
+    def read(self) -> dict[str, Any] | None:
+        """The current claim's content (None if there is no claim, or it is still being written)."""
+        try:
+            return json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def _inspect(self) -> tuple[dict[str, Any] | None, os.stat_result] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return self.read(), st
+
+    def _fs_now(self) -> float:
+        """The file system's current time: the mtime of a file created now (heartbeats use its clock)."""
+        fd, tmp = tempfile.mkstemp(prefix=".clock-", dir=self.dir)
+        try:
+            return os.fstat(fd).st_mtime
+        finally:
+            os.close(fd)
+            os.unlink(tmp)
+
+    def _is_stale(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
+        age = self._fs_now() - st.st_mtime
+        limit = self.stale_after_s
+        if info is not None:  # the holder's own timeout, when longer, is the one to respect
+            limit = max(limit, float(info.get("stale_after_s", 0) or 0))
+        if age > limit:
+            return True
+        if info is None or not isinstance(info.get("pid"), int):
+            return False  # being written, or unreadable: trust the heartbeat age alone
+        ident = _host_identity()
+        if info.get("host") != ident["host"]:
+            return False  # another machine: its pids mean nothing here, the heartbeat decides
+        if info.get("boot_id") and ident["boot_id"] and info["boot_id"] != ident["boot_id"]:
+            return True  # this host rebooted since: every process of the old boot is gone
+        if info.get("pid_ns") != ident["pid_ns"]:
+            return False  # another container (pid namespace) with the same host name: cannot see its pids
+        return not _pid_alive(info["pid"], info.get("pid_start"))
+
+    def _take_over(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
+        """Replace the stale claim (judged from ``info``/``st``) by ours; True if we hold the stage now.
+
+        Takers serialise on a lock file created atomically; under it the claim is checked to still be the
+        very one judged stale (same inode, heartbeat and token) and replaced by ours with one atomic
+        ``os.replace``, so the claim file never disappears: no third worker can slip in between.
+        """
+        lock = self.dir / f".{self.path.name}.takeover"
+        if not self._create(lock, self.token.encode()):
+            try:  # a taker that died holding the lock (a window of milliseconds) must not block forever
+                if self._fs_now() - os.stat(lock).st_mtime > self.stale_after_s:
+                    lock.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            return False  # another worker is taking it over right now
+        tmp: str | None = None
+        try:
+            now = os.stat(self.path)
+            same = (now.st_ino == st.st_ino and now.st_mtime_ns == st.st_mtime_ns
+                    and (info is None or (self.read() or {}).get("token") == info.get("token")))
+            if not same:
+                return False  # released, replaced or refreshed since we looked: judge again
+            fd, tmp = tempfile.mkstemp(prefix=".claim-", suffix=".tmp", dir=self.dir)
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._payload())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+            tmp = None
+            log.warning("took over the stale claim on %s (held by %s)", self.dir, _who(info))
+            return True
+        except FileNotFoundError:
+            return False  # the stale claim was removed meanwhile: the caller creates afresh
+        finally:
+            if tmp is not None:
+                os.unlink(tmp)
+            lock.unlink(missing_ok=True)
+
+    # --- holding -------------------------------------------------------------------------------------
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            info = self.read()
+            if info is None and not self.path.exists():  # takeovers replace, never delete: removed by hand
+                self._lost.set()
+                log.warning("claim on %s vanished; another worker may start this stage", self.dir)
+                return
+            if info is not None and info.get("token") != self.token:
+                self._lost.set()
+                log.warning("claim on %s was taken over by %s", self.dir, _who(info))
+                return
+            try:
+                os.utime(self.path)  # the heartbeat: mtime = now (file system clock)
+            except OSError:
+                pass  # a transient file-system error; the next beat tries again
+
+    def release(self) -> None:
+        """Stop the heartbeat and delete the claim if it is still ours. Idempotent."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._held and (self.read() or {}).get("token") == self.token:
+            self.path.unlink(missing_ok=True)
+        self._held = False
+
+    def __enter__(self) -> StageClaim:
+        if not self._held:
+            raise RuntimeError(f"{self!r} is not held: call acquire() first and enter only when it returned True")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.release()
+
+
+def run_claimed(
+    stage_dir: str | os.PathLike,
+    work: Callable[[], T],
+    *,
+    is_complete: Callable[[], bool],
+    wait: bool = True,
+    poll_s: float = 5.0,
+    heartbeat_s: float = 30.0,
+    stale_after_s: float = 300.0,
+    filename: str = StageClaim.FILE,
+) -> tuple[ClaimStatus, T | None]:
+    """Run ``work()`` (train, or resume, a stage) while holding the stage's claim.
+
+    A complete stage runs ``work()`` without a claim (it loads the result). A stage held by another live
+    worker is skipped with ``(BUSY, None)`` when ``wait`` is False; with ``wait`` this polls every
+    ``poll_s`` seconds until the holder finishes (then loads) or dies (then takes over and resumes).
+    Under a process group rank 0 decides for the whole job and every rank runs ``work()`` together
+    (DDP); one poll is one collective, so waiting never trips the group's timeout.
+    """
+    if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not 0 < poll_s < math.inf:
+        raise ValueError(f"poll_s must be a positive number of seconds, got {poll_s!r}")
+    claim = StageClaim(stage_dir, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s, filename=filename)
+    announced = False
+    while True:
+        decision = None
+        if is_main():
+            if is_complete():
+                decision = "done"
+            elif claim.acquire():
+                # The previous holder may have completed it between our look and our claim.
+                decision = "done" if is_complete() else "mine"
+                if decision == "done":
+                    claim.release()
+            else:
+                decision = "busy"
+        decision = broadcast_object(decision)
+        if decision == "done":
+            return ClaimStatus.DONE, work()
+        if decision == "mine":
+            try:
+                result = work()
+            finally:
+                claim.release()
+            if claim.lost:
+                log.warning("%s was also claimed by another worker while this one trained it; training is "
+                            "deterministic, so both wrote the same result", stage_dir)
+            return ClaimStatus.TRAINED, result
+        if not wait:
+            if is_main():
+                log.info("skipping %s: held by %s", stage_dir, _who(claim.holder))
+            return ClaimStatus.BUSY, None
+        if is_main() and not announced:
+            log.info("waiting for %s, held by %s", stage_dir, _who(claim.holder))
+            announced = True
+        time.sleep(poll_s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sharded evaluation
+# ----------------------------------------------------------------------------------------------------
+
+
+def sharded_evaluate(
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attacks: Sequence[str] = ("clean", "pgd10", "pgd20"),
+    *,
+    eps: float = 8 / 255,
+    step_size: float = 2 / 255,
+    batch_size: int = 256,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+    aa_kwargs: dict[str, Any] | None = None,
+    compile: bool = False,
+) -> Any:
+    """`afs.evaluation.evaluate` with the test set split across the ranks of the process group.
+
+    Same arguments and result (an ``EvalResult``, identical on every rank). The set is cut into
+    ``batch_size`` batches exactly as `evaluate` cuts it and rank r takes batches r, r + w, r + 2w, ...;
+    each batch is attacked with the random start `evaluate` gives that batch (seeded by its global
+    index), so clean/PGD/FGSM per-sample results equal the single-process ones. The per-sample flags are
+    summed over ranks into test-set order, with a count that checks every image was evaluated exactly
+    once. AutoAttack runs on each rank's images (its own batching and restarts then see a different
+    split, so its per-sample flags can differ from a single-process run's, not its protocol); a
+    ``state_path`` in ``aa_kwargs`` gets a per-rank suffix. Without a process group this is `evaluate`.
+    """
+    from tqdm.auto import tqdm
+
+    from afs.attacks import FGSM, check_labels, eval_mode, model_device
+    from afs.evaluation import EvalResult, _batch_seed, evaluate, parse_attack
+
+    kwargs = dict(eps=eps, step_size=step_size, batch_size=batch_size, seed=seed, device=device, aa_kwargs=aa_kwargs,
+                  compile=compile)
+    if not is_distributed():
+        return evaluate(model, x, y, attacks, progress=progress, **kwargs)
+    # Validation exactly as evaluate does it (names, eps, batch size, seed, image dtype/shape), on no images
+    # (AutoAttack is left out of this dry run: it has nothing to do on an empty set).
+    listed = [attacks] if isinstance(attacks, str) else list(attacks)
+    dry = [a for a in listed if not (isinstance(a, str) and a.strip().lower() == "aa")] or ["clean"]
+    evaluate(model, x[:0], y[:0], dry, progress=False, **kwargs)
+    if len(listed) == 0:
+        raise ValueError("attacks is empty; give at least one attack name")
+    names: list[str] = []
+    kinds: dict[str, tuple[str, int]] = {}
+    for a in listed:
+        kind = parse_attack(a)
+        key = kind[0] if kind[0] != "pgd" else f"pgd{kind[1]}"
+        if key not in kinds:
+            names.append(key)
+            kinds[key] = kind
+    n = x.shape[0]
+    if y.shape != (n,):
+        raise ValueError(f"y must have shape ({n},) to match x, got {tuple(y.shape)}")
+    dev = torch.device(device) if device is not None else model_device(model)
+    r, w = rank(), world_size()
+    n_batches = (n + batch_size - 1) // batch_size
+    mine = list(range(r, n_batches, w))  # round robin: the last, short batch costs no rank more than one batch
+
+    def unit(xb: Tensor) -> Tensor:
+        return xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb
+
+    objs: dict[str, PGD] = {}
+    for key, (kind, steps) in kinds.items():
+        if kind == "pgd":
+            objs[key] = PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, compile=compile)
+        elif kind == "fgsm":
+            objs[key] = FGSM(model, eps=eps, compile=compile)
+    # (A+1, N) int32: one row per attack plus a coverage row; each rank fills only its own columns.
+    flags = torch.zeros(len(names) + 1, n, dtype=torch.int32)
+    batched = [k for k in names if kinds[k][0] != "aa"]
+    with eval_mode(model):
+        if n:  # on every rank: an error must stop all of them, not leave the others in the all-reduce
+            with torch.no_grad():
+                probe = model(unit(x[:1].to(dev)))
+            check_labels(y.to(dev), n, dev, n_classes=probe.shape[1])
+        for b in tqdm(mine, desc="evaluate (sharded)", unit="batch", disable=not (progress and is_main()), leave=False):
+            sl = slice(b * batch_size, min((b + 1) * batch_size, n))
+            flags[-1, sl] += 1
+            if not batched:
+                continue
+            xb = unit(x[sl].to(dev, non_blocking=True))
+            yb = y[sl].to(dev, non_blocking=True)
+            bseed = _batch_seed(seed, b)  # the global batch index: the start evaluate() gives this batch
+            for key in batched:
+                x_eval = xb if kinds[key][0] == "clean" else objs[key].perturb(xb, yb, seed=bseed)
+                with torch.no_grad():
+                    flags[names.index(key), sl] = (model(x_eval).argmax(1) == yb).to("cpu", torch.int32)
+        if "aa" in kinds and mine:
+            idx = torch.cat([torch.arange(b * batch_size, min((b + 1) * batch_size, n)) for b in mine])
+            aa = dict(aa_kwargs or {})
+            if aa.get("state_path") is not None:
+                p = Path(aa["state_path"])
+                aa["state_path"] = p.with_name(f"{p.stem}.rank{r}of{w}{p.suffix}")
+            res = evaluate(model, x[idx], y[idx], ("aa",), eps=eps, step_size=step_size, batch_size=batch_size,
+                           seed=seed, device=dev, progress=progress and is_main(), aa_kwargs=aa)
+            flags[names.index("aa"), idx] = res.correct["aa"].to(torch.int32)
+    comm = flags.to(_comm_device())
+    dist.all_reduce(comm, op=dist.ReduceOp.SUM)
+    flags = comm.cpu()
+    if not bool((flags[-1] == 1).all()):
+        raise RuntimeError("sharded evaluation did not cover every test image exactly once (ranks disagree on the "
+                           "test set or batch size)")
+    correct = {k: flags[i].bool() for i, k in enumerate(names)}
+    accuracy = {k: 100.0 * correct[k].float().mean().item() if n > 0 else float("nan") for k in names}
+    return EvalResult(accuracy=accuracy, correct=correct, n=n)
