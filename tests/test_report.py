@@ -1,0 +1,325 @@
+"""afs.report: the paper's tables as data, plain-text comparison tables, the README results table, paths.
+
+The summaries here are synthetic but follow the schema `Pipeline.reproduce` writes (checked against
+`afs.pipeline.validate_summary` where that exists), so the table builders are exercised on real keys.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from afs import report
+
+PAPER_JSON = Path(__file__).resolve().parents[2] / "shared" / "paper" / "tables.json"
+
+
+# --- a synthetic summary in the schema of Pipeline.reproduce ------------------------------------------
+def fake_summary(profile: str = "cpu", aa: bool = True) -> dict:
+    from afs.config import get_profile
+
+    p = get_profile(profile)
+    default = list(p.merger.stack)
+    ext = {str(b): {"clean": 80.0 - 2 * b, "pgd10": 3.0 * b, "pgd20": 2.5 * b, "best_epoch": 1}
+           for b in p.extractor.budgets}
+
+    def stack(members, alpha, mode, tags, with_aa=False):
+        n = len(members)
+        rec = {"name": f"{'-'.join(map(str, members))}_a{alpha:g}_{mode}", "members": members, "alpha": alpha,
+               "mode": mode, "clean": 70.0 + 5 * alpha, "pgd10": 30.0 - 5 * alpha, "pgd20": 29.0 - 5 * alpha,
+               "importance_ratio": [1.0 / n] * n, "tags": tags}
+        if with_aa:
+            rec.update(aa=25.0, aa_clean=71.0)
+        return rec
+
+    stacks = [stack(default, p.merger.alpha, "paired", ["default-paired"] + (["alpha-sweep"] if p.merger.alpha in p.experiments.alphas else []), True),
+              stack(default, p.merger.alpha, "split", ["default-split"], True)]
+    stacks += [stack(default, a, "paired", ["alpha-sweep"]) for a in p.experiments.alphas if a != p.merger.alpha]
+    stacks += [stack(list(p.stack_for_mask(m)), p.merger.alpha, "paired", [f"mask:{m}"]) for m in p.experiments.masks]
+    single = {"method": "PGD-AT (8/255)", "clean": 64.0, "pgd": 20.0, "aa": 18.0, "tradeoff": 41.0, "aa_subset_clean": 63.0}
+    afs = {"method": "AFS", "clean": 75.0, "pgd": 27.0, "aa": 25.0, "tradeoff": 50.0, "aa_subset_clean": 71.0}
+    if not aa:
+        for r in (single, afs):
+            r.pop("aa"), r.pop("tradeoff")
+    abl = [{"setting": s, "params_M": pm, "flops_G": 2 * g, "macs_G": g, "clean": c, "pgd20": r}
+           for s, pm, g, c, r in (("Baseline (8/255)", 0.078, 0.0125, 64.0, 20.0), ("Rand. pert. (2-8/255)", 0.078, 0.0125, 68.0, 17.0),
+                                  ("Large model (WRN-10-2, 8/255)", 0.304, 0.0445, 66.0, 20.5), ("AFS", 0.234, 0.0375, 75.0, 27.0))]
+    return {"version": 1, "profile": profile, "config": p.to_dict(),
+            "dataset": {"name": p.data.name, "train": 4000, "val": 400, "test": 500, "aa": 64, "curve": 200, "classes": [str(i) for i in range(10)]},
+            "provenance": {"git_sha": None}, "extractors": ext, "stacks": stacks,
+            "ensemble": {"members": default, "clean": 70.0, "pgd10": 20.0, "pgd20": 19.0},
+            "comparison": {"aa_images": 64, "rows": [single, afs]}, "ablation": abl,
+            "curves": {"budgets_255": [0, 8], "images": 200, "accuracy": {"AFS": [75.0, 27.0]}}}
+
+
+def test_fake_summary_follows_the_pipeline_schema():
+    pipeline = pytest.importorskip("afs.pipeline")
+    if not hasattr(pipeline, "validate_summary"):
+        pytest.skip("afs.pipeline.validate_summary not available")
+    pipeline.validate_summary(fake_summary())
+
+
+# --- the paper's tables --------------------------------------------------------------------------------
+def test_paper_tables_match_the_shared_transcription():
+    if not PAPER_JSON.is_file():
+        pytest.skip(f"{PAPER_JSON} not present")
+    ref = json.loads(PAPER_JSON.read_text())
+    ours = report.paper_tables()
+    for key, table in ref.items():
+        if key.startswith("_"):
+            continue
+        assert ours[key]["columns"] == table["columns"], key
+        assert ours[key]["rows"] == table["rows"], key
+
+
+def test_paper_tables_internal_consistency():
+    t = report.paper_tables()
+    # Table IV/V trade-off is mean(clean, AA), rounded to 2 decimals in the paper.
+    for key in ("table_IV_cifar10", "table_V_cifar100"):
+        for row in report.paper_table(key):
+            assert abs((row["clean"] + row["aa"]) / 2 - row["tradeoff"]) <= 0.006, row
+    # Table IV's PGD column is PGD-20: PGD-AT equals Table I #8, AFS equals Table VI AFS.
+    t1 = {r["budget_255"]: r for r in report.paper_table("table_I_extractors")}
+    t4 = {r["method"]: r for r in report.paper_table("table_IV_cifar10")}
+    assert t4["PGD-AT"]["pgd"] == t1[8]["pgd20"] and t4["PGD-AT"]["clean"] == t1[8]["clean"]
+    assert t4["AFS"]["pgd"] == report.paper_table("table_VI_ablation")[3]["pgd20"]
+    # The printed 8-digit mask is kept; its 9-digit spelling selects #0 and #8.
+    t3 = t["table_III_stacks"]
+    assert t3["rows"][0][0] == "10000001" and t3["masks_9digit"][0] == "100000001"
+    assert "8 digits" in t["_source"]
+    assert [report.mask_role(m) for m in t3["masks_9digit"]] == t3["roles"]
+
+
+def test_paper_tables_returns_independent_copies():
+    a = report.paper_tables()
+    a["table_I_extractors"]["rows"][0][1] = -1.0
+    assert report.paper_tables()["table_I_extractors"]["rows"][0][1] == 94.62
+    with pytest.raises(ValueError, match="no paper table"):
+        report.paper_table("table_VII")
+
+
+# --- plain-text tables ---------------------------------------------------------------------------------
+def test_format_table_aligns_columns_and_formats_cells():
+    text = report.format_table(["name", "acc"], [["a", 1.0], ["longer", 12.345], ["none", None], ["nan", math.nan]])
+    lines = text.splitlines()
+    assert lines[0].startswith("name") and set(lines[1]) <= {"-", " "}
+    assert lines[2].endswith("1.00") and lines[3].endswith("12.35")
+    assert lines[4].endswith("—") and lines[5].endswith("—")
+    # Right-aligned numbers end in the same column.
+    assert len({len(ln) for ln in lines[2:4]}) == 1
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        report.format_table(["a", "b"], [["x"]])
+
+
+def test_compare_table_deltas_and_missing_rows():
+    text = report.compare_table("T", ["clean"], {"x": [90.0], "y": [80.0]}, {"x": [85.5], "z": [70.0]}, key="k")
+    lines = {ln.split()[0]: ln for ln in text.splitlines()[3:]}
+    assert lines["x"].split()[1:] == ["90.00", "85.50", "-4.50"]
+    assert lines["y"].split()[1:] == ["80.00", "—", "—"]  # not in this run
+    assert lines["z"].split()[1:] == ["—", "70.00", "—"]  # not in the paper
+    assert text.splitlines()[0] == "T"
+    with pytest.raises(ValueError, match="expected 2 values"):
+        report.compare_table("T", ["a", "b"], {"x": [1.0]}, {})
+
+
+@pytest.mark.parametrize("mask,role", [("1001", "ends"), ("100000001", "ends"), ("1111", "all"), ("101", "ends"), ("1010101", "alternate"),
+                                       ("100010001", "ends+middle"), ("101010101", "alternate"), ("0110", "0110")])
+def test_mask_role(mask, role):
+    assert report.mask_role(mask) == role
+
+
+def test_table_builders_on_a_summary():
+    s = fake_summary("cpu")
+    t1 = report.extractor_table(s)
+    assert "#8 (8/255)" in t1 and "85.15" in t1 and "64.00" in t1 and "-21.15" in t1  # 64 - 85.15
+    t2 = report.alpha_table(s)
+    assert "alpha=0.5" in t2 and "alpha=0.2" in t2  # run-only row and paper-only row both shown
+    t3 = report.mask_table(s)
+    assert "ends (100000001)" in t3 and "mask 1001" in t3 and "mask 1111" in t3
+    t4 = report.comparison_table(s)
+    assert "PGD-AT" in t4 and "AFS" in t4 and "AutoAttack on 64" in t4
+    t6 = report.ablation_table(s)
+    assert "GMAC" in t6 and "6.000" in t6  # paper AFS/baseline params ratio 218.82/36.47
+    assert report.default_stack_record(s)["mode"] == "paired"
+    assert len(report.stacks_tagged(s, "alpha-sweep")) == len(s["config"]["experiments"]["alphas"])
+
+
+# --- README results table ------------------------------------------------------------------------------
+def _write(results: Path, s: dict) -> None:
+    (results / s["profile"]).mkdir(parents=True, exist_ok=True)
+    (results / s["profile"] / "summary.json").write_text(json.dumps(s))
+
+
+def test_readme_table_orders_profiles_and_handles_missing_aa(tmp_path):
+    _write(tmp_path, fake_summary("cpu", aa=True))
+    _write(tmp_path, fake_summary("smoke", aa=False))
+    table = report.readme_results_table(tmp_path)
+    rows = [ln for ln in table.splitlines() if ln.startswith("| `") or ln.startswith("| paper")]
+    assert [r.split("|")[1].strip() for r in rows] == ["`smoke`", "`cpu`", "paper (Table IV)"]
+    smoke_cells = [c.strip() for c in rows[0].split("|")[1:-1]]
+    assert smoke_cells[4] == "—" and smoke_cells[7] == "—"  # no AA
+    cpu_cells = [c.strip() for c in rows[1].split("|")[1:-1]]
+    assert cpu_cells[2:8] == ["64.00", "20.00", "18.00", "75.00", "27.00", "25.00"]
+    assert cpu_cells[8] == "41.00 → 50.00"
+    assert rows[2].split("|")[-2].strip() == "68.08 → 71.78"
+
+
+def test_readme_table_without_results(tmp_path):
+    table = report.readme_results_table(tmp_path / "nothing")
+    assert "paper (Table IV)" in table and "No results yet" in table
+
+
+def test_update_readme_replaces_between_markers_only(tmp_path):
+    results = tmp_path / "results"
+    _write(results, fake_summary("cpu"))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# afs\nintro\n{report.README_BEGIN}\nold table\n{report.README_END}\ntail\n")
+    assert report.update_readme(readme, results) is True
+    text = readme.read_text()
+    assert text.startswith("# afs\nintro\n") and text.endswith(f"{report.README_END}\ntail\n")
+    assert "old table" not in text and "`cpu`" in text
+    assert report.update_readme(readme, results) is False  # idempotent
+    assert readme.read_text() == text
+
+
+def test_update_readme_needs_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("# afs\nno markers\n")
+    with pytest.raises(ValueError, match="results:begin"):
+        report.update_readme(readme, tmp_path)
+    readme.write_text(f"{report.README_END}\n{report.README_BEGIN}\n")
+    with pytest.raises(ValueError):
+        report.update_readme(readme, tmp_path)
+    with pytest.raises(FileNotFoundError):
+        report.update_readme(tmp_path / "missing.md", tmp_path)
+
+
+# --- paths, header, figures ----------------------------------------------------------------------------
+def test_runs_root_and_figures_dir(monkeypatch, tmp_path):
+    monkeypatch.delenv(report.RUNS_ENV, raising=False)
+    monkeypatch.delenv(report.FIGURES_ENV, raising=False)
+    root = report.repo_root()
+    assert root is not None and (root / "afs" / "report.py").is_file()  # tests run from a checkout
+    monkeypatch.chdir(tmp_path)  # the checkout is found from the package, not the working directory
+    assert report.runs_root() == root / "runs"
+    monkeypatch.setenv(report.RUNS_ENV, str(tmp_path / "r"))
+    assert report.runs_root() == (tmp_path / "r").resolve()
+    assert report.figures_dir() == (tmp_path / "r" / "figures").resolve()
+    monkeypatch.setenv(report.FIGURES_ENV, str(tmp_path / "figs"))
+    assert report.figures_dir() == (tmp_path / "figs").resolve() and (tmp_path / "figs").is_dir()
+
+
+def test_load_summary_names_the_path(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "cpu" / "summary.json")):
+        report.load_summary("cpu", tmp_path)
+    _write(tmp_path, fake_summary("cpu"))
+    assert report.load_summary("cpu", tmp_path)["profile"] == "cpu"
+
+
+def test_header_names_profile_data_and_hardware(capsys):
+    timer = report.header("smoke", "Table I")
+    out = capsys.readouterr().out
+    assert "Reproduces: Table I" in out and "smoke" in out and "cifar10-jpeg" in out and "JPEG" in out
+    assert "torch" in out and "CPU cores" in out
+    assert timer.elapsed >= 0
+    timer.done()
+    assert "wall time" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="unknown profile"):
+        report.header("nope", "x")
+
+
+def test_savefig_writes_png(monkeypatch, tmp_path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    monkeypatch.setenv(report.FIGURES_ENV, str(tmp_path))
+    fig, ax = plt.subplots()
+    ax.plot([0, 1], [0, 1])
+    path = report.savefig(fig, "smoke_test_fig")
+    plt.close(fig)
+    assert path == tmp_path.resolve() / "smoke_test_fig.png" and path.read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(ValueError, match="plain file stem"):
+        report.savefig(fig, "../escape")
+
+
+def test_pipeline_uses_runs_root(monkeypatch, tmp_path):
+    monkeypatch.setenv(report.RUNS_ENV, str(tmp_path))
+    pipe = report.pipeline("smoke")
+    assert pipe.root == tmp_path.resolve() / "smoke" and pipe.progress is False
+    assert copy.deepcopy(pipe.profile) == pipe.profile
+
+
+# --- claims, benchmark rows, cached summaries ----------------------------------------------------------
+def test_check_claims_asserts_only_when_enforced(capsys):
+    claims = [("one holds", True), ("two fails", False)]
+    assert report.check_claims(claims, enforce=False, context="smoke") == ["two fails"]
+    out = capsys.readouterr().out
+    assert "not asserted" in out and "[holds] one holds" in out and "[FAILS] two fails" in out
+    with pytest.raises(AssertionError, match="two fails"):
+        report.check_claims(claims)
+    assert report.check_claims([("ok", True)]) == []
+
+
+def test_bench_results_and_table(tmp_path):
+    assert report.bench_results(tmp_path / "none") == []
+    gpu = {"suite": "pgd", "case": "compiled", "baseline": "eager", "ratio": 3.5, "value": 1200.0, "unit": "img/s",
+           "time": {"median_ms": 12.5}, "batch_size": 128, "date": "2026-01-02T00:00:00", "env": {"gpu": "NVIDIA H100"}}
+    cpu = {**gpu, "case": "eager", "ratio": 1.0, "env": {"cpu_count": 2}}
+    (tmp_path / "pgd.json").write_text(json.dumps([gpu]))
+    (tmp_path / "stack.json").write_text(json.dumps([cpu]))
+    rows = report.bench_results(tmp_path)
+    assert [r["case"] for r in rows] == ["compiled", "eager"]
+    table = report.bench_table(rows)
+    assert "NVIDIA H100" in table and "x3.5 vs eager" in table and "CPU (2 cores)" in table and "12.50" in table
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(ValueError, match="JSON list"):
+        report.bench_results(tmp_path)
+
+
+class _StubPipe:
+    """What `report.summary` needs of a Pipeline; `reproduce` records that it ran."""
+
+    def __init__(self, root: Path, profile) -> None:
+        self.root, self.profile, self.calls = root, profile, 0
+
+    def reproduce(self) -> dict:
+        self.calls += 1
+        return {"fresh": True}
+
+
+def test_summary_reuses_a_matching_file_else_reproduces(tmp_path):
+    from afs.config import get_profile
+
+    s = fake_summary("cpu")
+    _write(tmp_path, s)
+    pipe = _StubPipe(tmp_path / "cpu", get_profile("cpu"))
+    assert report.summary(pipe)["profile"] == "cpu" and pipe.calls == 0
+    other = _StubPipe(tmp_path / "cpu", get_profile("cpu").replace(seed=1))  # another config: stale file
+    assert report.summary(other) == {"fresh": True} and other.calls == 1
+    missing = _StubPipe(tmp_path / "smoke", get_profile("smoke"))
+    assert report.summary(missing) == {"fresh": True}
+
+
+def test_rel_path_inside_and_outside_the_checkout(tmp_path):
+    root = report.repo_root()
+    assert report.rel_path(root / "runs" / "cpu" / "summary.json") == str(Path("runs") / "cpu" / "summary.json")
+    assert report.rel_path(tmp_path / "x.json") == str(tmp_path / "x.json")
+
+
+def test_command_line_prints_or_updates(tmp_path, capsys):
+    results = tmp_path / "results"
+    _write(results, fake_summary("cpu"))
+    assert report.main(["--results", str(results)]) == 0
+    assert "`cpu`" in capsys.readouterr().out
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{report.README_BEGIN}\n{report.README_END}\n")
+    assert report.main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert "updated" in capsys.readouterr().out and "`cpu`" in readme.read_text()
+    assert report.main(["--readme", str(tmp_path / "nope.md"), "--results", str(results)]) == 2
+    assert "no README" in capsys.readouterr().err
