@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import afs_kernels
+from afs_kernels._common import LenientStrEnum
 from afs_kernels import Norm
 
 __all__ = [
@@ -68,27 +69,8 @@ Budget = Union[float, torch.Tensor]
 # --------------------------------------------------------------------------------------------------------
 # Behaviour-choosing strings
 # --------------------------------------------------------------------------------------------------------
-class _StrEnum(str, Enum):
-    """A ``str`` Enum built from the member or its value (case-insensitive); errors list the choices."""
-
-    @classmethod
-    def _missing_(cls, value: object) -> Any:
-        if isinstance(value, str):
-            for member in cls:
-                if member.value.lower() == value.lower():
-                    return member
-        return None
-
-    @classmethod
-    def parse(cls, value: Any, what: str) -> Any:
-        try:
-            return cls(value)
-        except ValueError:
-            valid = ", ".join(repr(m.value) for m in cls)
-            raise ValueError(f"unknown {what} {value!r}; valid: {valid}") from None
-
-    def __str__(self) -> str:
-        return str(self.value)
+# One lenient str-Enum base for the whole project (defined in afs_kernels so that it imports alone).
+_StrEnum = LenientStrEnum
 
 
 class Init(_StrEnum):

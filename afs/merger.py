@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import math
 import time
-from enum import Enum
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from afs_kernels._common import LenientStrEnum
 
 from afs.attacks import PGD
 from afs.config import Profile
@@ -34,15 +34,9 @@ from afs.training import TrainData
 __all__ = ["MergerMode", "train_merger", "split_count", "save_merger", "load_merger"]
 
 
-class MergerMode(str, Enum):
-    PAIRED = "paired"
-    SPLIT = "split"
-
-    @classmethod
-    def _missing_(cls, value: object) -> "MergerMode | None":
-        if isinstance(value, str):
-            return next((m for m in cls if m.value == value.lower()), None)
-        return None
+class MergerMode(LenientStrEnum):
+    PAIRED = "paired"  # Eq. 5 on the same samples
+    SPLIT = "split"  # the authors' code: floor(alpha*B) clean samples, the rest adversarial
 
 
 def split_count(alpha: float, batch: int) -> int:

@@ -90,8 +90,8 @@ class _ExtractorBase(nn.Module):
 # --- WideResNet (Zagoruyko & Komodakis 2016), pre-activation blocks as in Madry et al. / Rice et al. -----
 
 
-class _WideBlock(nn.Module):
-    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut."""
+class _PreActBlock(nn.Module):
+    """BN-ReLU-conv3x3-BN-ReLU-conv3x3 with an identity or 1x1-conv shortcut (WRN and PreActResNet alike)."""
 
     def __init__(self, c_in: int, c_out: int, stride: int) -> None:
         super().__init__()
@@ -99,14 +99,15 @@ class _WideBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.equal = c_in == c_out and stride == 1
-        self.shortcut = None if self.equal else nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         o = F.relu(self.bn1(x))
-        # A projection shortcut sees the pre-activated input (as in the reference WRN code);
+        # A projection shortcut sees the pre-activated input (as in the reference WRN and PreAct code);
         # an identity shortcut carries the raw input.
-        skip = x if self.equal else self.shortcut(o)
+        skip = self.shortcut(o) if self.shortcut is not None else x
         o = self.conv1(o)
         o = self.conv2(F.relu(self.bn2(o)))
         return o + skip
@@ -137,7 +138,7 @@ class WideResNet(_ExtractorBase):
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         groups = []
         for g, stride in enumerate((1, 2, 2)):
-            blocks = [_WideBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1)
+            blocks = [_PreActBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1)
                       for i in range(n)]
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
@@ -156,26 +157,6 @@ class WideResNet(_ExtractorBase):
 
 
 # --- PreActResNet-18 (He et al. 2016), the network of Rice et al.'s PGD-AT baselines -----------------
-
-
-class _PreActBlock(nn.Module):
-    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
-        super().__init__()
-        self.bn1 = nn.BatchNorm2d(c_in)
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        o = F.relu(self.bn1(x))
-        skip = self.shortcut(o) if self.shortcut is not None else x
-        o = self.conv1(o)
-        o = self.conv2(F.relu(self.bn2(o)))
-        return o + skip
-
 
 class PreActResNet18(_ExtractorBase):
     """PreActResNet-18: 11.17M parameters, 512-d features."""

@@ -53,7 +53,7 @@ def is_interpreted(kernel: Any) -> bool:
 # --------------------------------------------------------------------------------------------------------
 # Behaviour-choosing strings: str-Enums that accept either the enum or its value (case-insensitive).
 # --------------------------------------------------------------------------------------------------------
-class _LenientStrEnum(str, Enum):
+class LenientStrEnum(str, Enum):
     """A ``str`` Enum whose constructor also accepts its values case-insensitively and lists them on error."""
 
     @classmethod
@@ -77,14 +77,14 @@ class _LenientStrEnum(str, Enum):
         return str(self.value)
 
 
-class Norm(_LenientStrEnum):
+class Norm(LenientStrEnum):
     """Threat model of a PGD step / random start."""
 
     LINF = "Linf"  # ||delta||_inf <= eps, steps along sign(grad)
     L2 = "L2"  # ||delta||_2 <= eps per sample, steps along grad/||grad||_2
 
 
-class Backend(_LenientStrEnum):
+class Backend(LenientStrEnum):
     """Which implementation runs an op."""
 
     AUTO = "auto"  # Triton on CUDA tensors when Triton is importable, the reference otherwise
