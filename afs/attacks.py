@@ -34,7 +34,6 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
-from enum import Enum
 from pathlib import Path
 from typing import Any, Iterator, Sequence, Union
 

@@ -777,10 +777,7 @@ def sharded_evaluate(
     split, so its per-sample flags can differ from a single-process run's, not its protocol); a
     ``state_path`` in ``aa_kwargs`` gets a per-rank suffix. Without a process group this is `evaluate`.
     """
-    from tqdm.auto import tqdm
-
-    from afs.attacks import FGSM, check_labels, eval_mode, model_device
-    from afs.evaluation import EvalResult, _batch_seed, evaluate, parse_attack
+    from afs.evaluation import EvalResult, evaluate, parse_attack
 
     kwargs = dict(eps=eps, step_size=step_size, batch_size=batch_size, seed=seed, device=device, aa_kwargs=aa_kwargs,
                   compile=compile)
@@ -789,64 +786,34 @@ def sharded_evaluate(
     # Validation exactly as evaluate does it (names, eps, batch size, seed, image dtype/shape), on no images
     # (AutoAttack is left out of this dry run: it has nothing to do on an empty set).
     listed = [attacks] if isinstance(attacks, str) else list(attacks)
-    dry = [a for a in listed if not (isinstance(a, str) and a.strip().lower() == "aa")] or ["clean"]
-    evaluate(model, x[:0], y[:0], dry, progress=False, **kwargs)
     if len(listed) == 0:
         raise ValueError("attacks is empty; give at least one attack name")
-    names: list[str] = []
-    kinds: dict[str, tuple[str, int]] = {}
-    for a in listed:
-        kind = parse_attack(a)
-        key = kind[0] if kind[0] != "pgd" else f"pgd{kind[1]}"
-        if key not in kinds:
-            names.append(key)
-            kinds[key] = kind
+    names = list(dict.fromkeys(k if k != "pgd" else f"pgd{s}" for k, s in map(parse_attack, listed)))
+    batched = [a for a in names if a != "aa"]
     n = x.shape[0]
     if y.shape != (n,):
         raise ValueError(f"y must have shape ({n},) to match x, got {tuple(y.shape)}")
-    dev = torch.device(device) if device is not None else model_device(model)
     r, w = rank(), world_size()
     n_batches = (n + batch_size - 1) // batch_size
     mine = list(range(r, n_batches, w))  # round robin: the last, short batch costs no rank more than one batch
-
-    def unit(xb: Tensor) -> Tensor:
-        return xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb
-
-    objs: dict[str, PGD] = {}
-    for key, (kind, steps) in kinds.items():
-        if kind == "pgd":
-            objs[key] = PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, compile=compile)
-        elif kind == "fgsm":
-            objs[key] = FGSM(model, eps=eps, compile=compile)
     # (A+1, N) int32: one row per attack plus a coverage row; each rank fills only its own columns.
     flags = torch.zeros(len(names) + 1, n, dtype=torch.int32)
-    batched = [k for k in names if kinds[k][0] != "aa"]
-    with eval_mode(model):
-        if n:  # on every rank: an error must stop all of them, not leave the others in the all-reduce
-            with torch.no_grad():
-                probe = model(unit(x[:1].to(dev)))
-            check_labels(y.to(dev), n, dev, n_classes=probe.shape[1])
-        for b in tqdm(mine, desc="evaluate (sharded)", unit="batch", disable=not (progress and is_main()), leave=False):
-            sl = slice(b * batch_size, min((b + 1) * batch_size, n))
-            flags[-1, sl] += 1
-            if not batched:
-                continue
-            xb = unit(x[sl].to(dev, non_blocking=True))
-            yb = y[sl].to(dev, non_blocking=True)
-            bseed = _batch_seed(seed, b)  # the global batch index: the start evaluate() gives this batch
-            for key in batched:
-                x_eval = xb if kinds[key][0] == "clean" else objs[key].perturb(xb, yb, seed=bseed)
-                with torch.no_grad():
-                    flags[names.index(key), sl] = (model(x_eval).argmax(1) == yb).to("cpu", torch.int32)
-        if "aa" in kinds and mine:
-            idx = torch.cat([torch.arange(b * batch_size, min((b + 1) * batch_size, n)) for b in mine])
-            aa = dict(aa_kwargs or {})
-            if aa.get("state_path") is not None:
-                p = Path(aa["state_path"])
-                aa["state_path"] = p.with_name(f"{p.stem}.rank{r}of{w}{p.suffix}")
-            res = evaluate(model, x[idx], y[idx], ("aa",), eps=eps, step_size=step_size, batch_size=batch_size,
-                           seed=seed, device=dev, progress=progress and is_main(), aa_kwargs=aa)
-            flags[names.index("aa"), idx] = res.correct["aa"].to(torch.int32)
+    for b in mine:
+        flags[-1, b * batch_size:min((b + 1) * batch_size, n)] += 1
+    # Every rank calls evaluate (it validates, and an error then stops all ranks, not just one): the same
+    # batch cuts and per-batch seeds as a single process, restricted to this rank's batches.
+    res = evaluate(model, x, y, batched or ["clean"], progress=progress and is_main(), batches=mine, **kwargs)
+    for key in batched:
+        flags[names.index(key)] = res.correct[key].to(torch.int32)
+    if "aa" in names and mine:
+        idx = torch.cat([torch.arange(b * batch_size, min((b + 1) * batch_size, n)) for b in mine])
+        aa = dict(aa_kwargs or {})
+        if aa.get("state_path") is not None:
+            p = Path(aa["state_path"])
+            aa["state_path"] = p.with_name(f"{p.stem}.rank{r}of{w}{p.suffix}")
+        res = evaluate(model, x[idx], y[idx], ("aa",), eps=eps, step_size=step_size, batch_size=batch_size,
+                       seed=seed, device=device, progress=progress and is_main(), aa_kwargs=aa)
+        flags[names.index("aa"), idx] = res.correct["aa"].to(torch.int32)
     comm = flags.to(_comm_device())
     dist.all_reduce(comm, op=dist.ReduceOp.SUM)
     flags = comm.cpu()

@@ -88,6 +88,7 @@ def evaluate(
     progress: bool = True,
     aa_kwargs: dict[str, Any] | None = None,
     compile: bool = False,
+    batches: Sequence[int] | None = None,
 ) -> EvalResult:
     """Accuracy of ``model`` on ``(x, y)`` under each attack in ``attacks``, with per-sample flags.
 
@@ -106,6 +107,9 @@ def evaluate(
         progress: show a tqdm bar over batches.
         aa_kwargs: extra keywords for :func:`afs.attacks.autoattack` (``version``, ``state_path``, ...).
         compile: run PGD through the compiled attack loop (GPU speed; same results within float noise).
+        batches: run clean/PGD/FGSM on these batch indices only (the cuts of ``batch_size`` above, each with
+            its own seed), leaving the other samples' flags False; `afs.distributed.sharded_evaluate` gives
+            each rank its share this way. ``None``: every batch.
 
     The model is in eval mode throughout; every submodule's mode is restored afterwards.
     """
@@ -152,10 +156,13 @@ def evaluate(
 
     with eval_mode(model):
         n_batches = (n + batch_size - 1) // batch_size
+        todo = range(n_batches) if batches is None else [int(b) for b in batches]
+        if any(not 0 <= b < n_batches for b in todo):
+            raise ValueError(f"batches must be indices in [0, {n_batches}) for n={n}, batch_size={batch_size}")
         if batched:
-            bar = tqdm(total=n_batches, desc="evaluate", unit="batch", disable=not progress, leave=False)
+            bar = tqdm(total=len(todo), desc="evaluate", unit="batch", disable=not progress, leave=False)
             try:
-                for b in range(n_batches):
+                for b in todo:
                     sl = slice(b * batch_size, min((b + 1) * batch_size, n))
                     xb = _to_unit(x[sl].to(dev, non_blocking=True))
                     yb = y[sl].to(dev, non_blocking=True)
@@ -168,7 +175,8 @@ def evaluate(
                         with torch.no_grad():
                             correct[key][sl] = (model(x_eval).argmax(1) == yb).cpu()
                     bar.update(1)
-                    bar.set_postfix({k: f"{100.0 * correct[k][: sl.stop].float().mean().item():.1f}" for k in batched})
+                    if batches is None:  # running accuracy over the prefix done so far
+                        bar.set_postfix({k: f"{100.0 * correct[k][: sl.stop].float().mean().item():.1f}" for k in batched})
             finally:
                 bar.close()
         if "aa" in kinds:
