@@ -328,6 +328,7 @@ class PGD:
         self.init = Init.parse(init, "init")
         self.clamp = Clamp.parse(clamp, "clamp")
         self.compile, self.compile_backend = bool(compile), compile_backend
+        self._n_classes: int | None = None  # learnt from the model on the first call
 
     def __repr__(self) -> str:
         return (
@@ -354,12 +355,16 @@ class PGD:
         if batch == 0:
             return x.clone()
         with eval_mode(self.model):
-            with torch.no_grad():
-                probe = self.model(x[:1])  # one sample: the class count, to check y before the loop
-            if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
-                got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
-                raise ValueError(f"the model must return logits of shape (B, n_classes), got {got}")
-            check_labels(y, batch, device, n_classes=probe.shape[1])
+            if self._n_classes is None:
+                # One-sample probe, once per attack object (not per batch: training calls this every step):
+                # the class count, to check y before the loop.
+                with torch.no_grad():
+                    probe = self.model(x[:1])
+                if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
+                    got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+                    raise ValueError(f"the model must return logits of shape (B, n_classes), got {got}")
+                self._n_classes = int(probe.shape[1])
+            check_labels(y, batch, device, n_classes=self._n_classes)
             # One generator per call, on the data's device, so a seed fixes every draw of every restart.
             gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
             best = best_loss = best_wrong = None

@@ -41,3 +41,21 @@ def real_cifar10(real_data_root, tmp_path_factory):
     cache = Path(os.environ.get("AFS_CACHE", tmp_path_factory.mktemp("afs-cache")))
     return (load_dataset("cifar10-jpeg", real_data_root, "train", cache_dir=cache),
             load_dataset("cifar10-jpeg", real_data_root, "test", cache_dir=cache))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for tests on tiny tensors: extra OpenMP threads only add overhead there, and on
+    a busy 2-core box they oversubscribe it (AutoAttack on the toy ran ~5x slower so)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def net():
+    """The standardly trained toy network of tests/toys.py (accurate, not robust), trained once."""
+    import toys
+
+    return toys.trained_tiny_net()

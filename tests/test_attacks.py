@@ -29,19 +29,7 @@ EPS_MID = 1 / 255  # the toy's accuracy under PGD-10 is ~57% here: room to see d
 ALPHA_MID = EPS_MID / 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run these tests on one intra-op thread: the toy's tensors are tiny, so extra OpenMP threads only
-    add overhead, and on a busy 2-core CI box they oversubscribe it (AutoAttack ran ~5x slower so)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def net() -> toys.TinyNet:
-    return toys.trained_tiny_net()
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `one_thread` and `net`: conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -12,19 +12,7 @@ from afs.evaluation import EvalResult, evaluate, parse_attack, robustness_curve,
 EPS, STEP = 1 / 255, 0.25 / 255  # the toy keeps ~57% under PGD-10 here
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Run these tests on one intra-op thread: the toy's tensors are tiny, so extra OpenMP threads only
-    add overhead, and on a busy 2-core CI box they oversubscribe it (AutoAttack ran ~5x slower so)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def net() -> toys.TinyNet:
-    return toys.trained_tiny_net()
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures `one_thread` and `net`: conftest.py
 
 
 @pytest.fixture(scope="module")
