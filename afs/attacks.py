@@ -50,6 +50,8 @@ __all__ = [
     "Init",
     "Clamp",
     "AAVersion",
+    "Loss",
+    "margin_loss",
     "PGD",
     "FGSM",
     "AutoAttackWarning",
@@ -84,6 +86,24 @@ class Clamp(_StrEnum):
 
     STEP = "step"  # after the start and after every step (standard)
     END = "end"  # once, after the loop (the authors' release; intermediate iterates may leave [0, 1])
+
+
+class Loss(_StrEnum):
+    """The objective PGD ascends."""
+
+    CE = "ce"  # cross-entropy (Madry et al.; the paper's PGD)
+    MARGIN = "margin"  # Carlini-Wagner margin max_{j != y} z_j - z_y: a second loss for the robustness audit
+
+
+def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """CW margin summed over the batch: ``sum_i max_{j != y_i} z_ij - z_i,y_i`` (> 0 iff misclassified).
+
+    Unlike cross-entropy it does not saturate on confident logits, so a model whose CE gradients vanish
+    (one sign of gradient masking) still gives PGD a direction."""
+    z = logits.float()
+    true = z.gather(1, y[:, None]).squeeze(1)  # (B,)
+    other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)  # (B,)
+    return (other - true).sum()
 
 
 class AAVersion(_StrEnum):
@@ -288,6 +308,8 @@ class PGD:
         compile: run the ``torch.compile``d loop (:func:`afs_kernels.compiled_pgd_loop`); same results within
             float noise, faster on a GPU after the first call.
         compile_backend: ``torch.compile`` backend (``"inductor"``; tests use ``"aot_eager"``).
+        loss: ``"ce"`` (cross-entropy, the paper's) or ``"margin"`` (CW margin, :func:`margin_loss`; eager
+            loop only). Restarts still keep, per sample, a misclassified iterate over a correct one.
 
     The model is in eval mode during the attack and every submodule's mode is restored afterwards (also on
     an exception); gradients are taken w.r.t. the input only, so no parameter gets a ``.grad``.
@@ -308,6 +330,7 @@ class PGD:
         clamp: Clamp | str = "step",
         compile: bool = False,
         compile_backend: str = "inductor",
+        loss: Loss | str = "ce",
     ) -> None:
         self.model = _check_model(model)
         # Values checked now; per-sample shapes and devices again per call, against the batch.
@@ -328,13 +351,16 @@ class PGD:
         self.init = Init.parse(init, "init")
         self.clamp = Clamp.parse(clamp, "clamp")
         self.compile, self.compile_backend = bool(compile), compile_backend
+        self.loss = Loss.parse(loss, "loss")
+        if self.loss is Loss.MARGIN and self.compile:
+            raise ValueError("loss='margin' runs in the eager loop only; use compile=False")
         self._n_classes: int | None = None  # learnt from the model on the first call
 
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(eps={_fmt_budget(self.eps)}, alpha={_fmt_budget(self.alpha)}, steps={self.steps}, "
             f"norm={self.norm}, random_start={self.random_start}, restarts={self.restarts}, init={self.init}, "
-            f"clamp={self.clamp}, seed={self.seed}, compile={self.compile})"
+            f"clamp={self.clamp}, seed={self.seed}, compile={self.compile}, loss={self.loss})"
         )
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -406,8 +432,9 @@ class PGD:
         start = self._start(x, eps, gen)
         # THE PGD loop (afs_kernels): input gradients only, summed CE; with clamp_box_each_step=False it
         # projects onto the ball each step and clamps to [0, 1] once after the loop (also for steps=0).
+        kw = {"loss_fn": margin_loss} if self.loss is Loss.MARGIN else {}
         return self._loop()(
-            x, y, start, eps, alpha, self.steps, self.norm, clamp_box_each_step=self.clamp is Clamp.STEP
+            x, y, start, eps, alpha, self.steps, self.norm, clamp_box_each_step=self.clamp is Clamp.STEP, **kw
         )
 
 

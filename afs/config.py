@@ -135,6 +135,13 @@ class EvalConfig:
     batch_size: int = 500
     curve_budgets: tuple[int, ...] = (0, 2, 4, 6, 8, 10, 12, 14, 16)  # Fig. 4a x-axis, in 1/255
     curve_size: int | None = None  # test images per point of the Fig. 4a curves; None = the PGD test set
+    # The robustness audit (`Pipeline.run_audit`, notebook 08): on its own class-balanced test subset, the
+    # default stack and its most robust member under PGD-20 at these larger budgets (in 1/255, step eps/4),
+    # PGD with more steps and restarts, a margin-loss PGD-20, and transfer attacks from the members.
+    audit_size: int | None = 1000  # None = the PGD test set
+    audit_budgets: tuple[int, ...] = (16, 32, 64)  # must reach 64/255, where accuracy must be about 0
+    audit_steps: int = 100  # the "more steps" PGD ...
+    audit_restarts: int = 5  # ... with this many random restarts (worst case per image kept)
 
 
 @dataclass(frozen=True)
@@ -278,7 +285,8 @@ SMOKE = Profile(
         stack=(4, 8), epochs=1, batch_size=64, lr=0.05, lr_milestones=(1,), attack_steps=2,
         attack_step_size=4 / 255,
     ),
-    evaluation=EvalConfig(aa_size=8, batch_size=64, curve_budgets=(0, 8, 16), curve_size=32),
+    evaluation=EvalConfig(aa_size=8, batch_size=64, curve_budgets=(0, 8, 16), curve_size=32, audit_size=16,
+                          audit_budgets=(16, 64), audit_steps=5, audit_restarts=2),
     experiments=ExperimentConfig(
         alphas=(0.0, 1.0), masks=("101",), wide_widen_factor=2, tsne_size=64, tsne_budgets=(0, 8),
         random_budget_range=(4, 8),
@@ -296,7 +304,8 @@ CPU = Profile(
         attack_step_size=3 / 255, val_attack_steps=3,
     ),
     merger=MergerConfig(stack=(2, 4, 8), epochs=2, lr_milestones=(1,), attack_steps=3, attack_step_size=3 / 255),
-    evaluation=EvalConfig(aa_size=64, batch_size=250, curve_budgets=(0, 4, 8, 12, 16), curve_size=200),
+    evaluation=EvalConfig(aa_size=64, batch_size=250, curve_budgets=(0, 4, 8, 12, 16), curve_size=200, audit_size=200,
+                          audit_steps=50, audit_restarts=2),
     experiments=ExperimentConfig(
         alphas=(0.0, 0.5, 1.0), masks=("1001", "1111"), wide_widen_factor=2, tsne_size=500,
         tsne_budgets=(0, 8), random_budget_range=(2, 8),
@@ -313,7 +322,7 @@ QUICK = Profile(
     model=ModelConfig(arch="wrn", depth=16, widen_factor=4),
     extractor=ExtractorConfig(budgets=tuple(range(10)), epochs=10, batch_size=512, lr=0.2, lr_milestones=(8,)),
     merger=MergerConfig(epochs=3, batch_size=500, lr=0.1, lr_milestones=(2,)),
-    evaluation=EvalConfig(aa_size=1000, batch_size=1000),
+    evaluation=EvalConfig(aa_size=1000, batch_size=1000, audit_size=500, audit_restarts=2),
     experiments=ExperimentConfig(wide_widen_factor=8),
 )
 

@@ -777,7 +777,7 @@ def sharded_evaluate(
     split, so its per-sample flags can differ from a single-process run's, not its protocol); a
     ``state_path`` in ``aa_kwargs`` gets a per-rank suffix. Without a process group this is `evaluate`.
     """
-    from afs.evaluation import EvalResult, evaluate, parse_attack
+    from afs.evaluation import EvalResult, attack_key, evaluate, parse_attack
 
     kwargs = dict(eps=eps, step_size=step_size, batch_size=batch_size, seed=seed, device=device, aa_kwargs=aa_kwargs,
                   compile=compile)
@@ -788,7 +788,7 @@ def sharded_evaluate(
     listed = [attacks] if isinstance(attacks, str) else list(attacks)
     if len(listed) == 0:
         raise ValueError("attacks is empty; give at least one attack name")
-    names = list(dict.fromkeys(k if k != "pgd" else f"pgd{s}" for k, s in map(parse_attack, listed)))
+    names = list(dict.fromkeys(attack_key(k) for k in map(parse_attack, listed)))
     batched = [a for a in names if a != "aa"]
     n = x.shape[0]
     if y.shape != (n,):

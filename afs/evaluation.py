@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from afs.attacks import FGSM, PGD, autoattack, check_images, check_labels, eval_mode, model_device
 
-__all__ = ["EvalResult", "evaluate", "robustness_curve", "trade_off", "parse_attack"]
+__all__ = ["EvalResult", "evaluate", "robustness_curve", "trade_off", "parse_attack", "attack_key"]
 
-_PGD_NAME = re.compile(r"pgd([1-9][0-9]*)")
-_VALID_FORMS = "'clean', 'fgsm', 'aa' (AutoAttack) or 'pgdK' with K >= 1 steps (e.g. 'pgd10', 'pgd20')"
+_PGD_NAME = re.compile(r"(pgd|cw)([1-9][0-9]*)(?:x([1-9][0-9]*))?")
+_VALID_FORMS = ("'clean', 'fgsm', 'aa' (AutoAttack), 'pgdK' with K >= 1 steps (e.g. 'pgd10', 'pgd20'), "
+                "'pgdKxR' (K steps, R random restarts, e.g. 'pgd50x2') or 'cwK' / 'cwKxR' (PGD on the CW margin loss)")
 
 
 @dataclass
@@ -42,17 +43,26 @@ class EvalResult:
         return {"n": self.n, "accuracy": dict(self.accuracy)}
 
 
-def parse_attack(name: Any) -> tuple[str, int]:
-    """``"pgd20"`` -> ``("pgd", 20)``; ``"clean"``/``"fgsm"``/``"aa"`` -> ``(name, 0)``; else ValueError."""
+def parse_attack(name: Any) -> tuple[str, int, int]:
+    """``"pgd20"`` -> ``("pgd", 20, 1)``; ``"pgd50x2"`` -> ``("pgd", 50, 2)``; ``"cw20"`` -> ``("cw", 20, 1)``;
+    ``"clean"``/``"fgsm"``/``"aa"`` -> ``(name, 0, 1)``; else ValueError."""
     if not isinstance(name, str):
         raise TypeError(f"attack names are strings, got {type(name).__name__}: {name!r}; valid forms: {_VALID_FORMS}")
     key = name.strip().lower()
     if key in ("clean", "fgsm", "aa"):
-        return key, 0
+        return key, 0, 1
     m = _PGD_NAME.fullmatch(key)
     if m is None:
         raise ValueError(f"unknown attack {name!r}; valid forms: {_VALID_FORMS}")
-    return "pgd", int(m.group(1))
+    return m.group(1), int(m.group(2)), int(m.group(3) or 1)
+
+
+def attack_key(kind: tuple[str, int, int]) -> str:
+    """The canonical name of a parsed attack (``("pgd", 20, 1)`` -> ``"pgd20"``)."""
+    name, steps, restarts = kind
+    if name not in ("pgd", "cw"):
+        return name
+    return f"{name}{steps}" + (f"x{restarts}" if restarts > 1 else "")
 
 
 def _batch_seed(seed: int, batch_index: int) -> int:
@@ -89,6 +99,7 @@ def evaluate(
     aa_kwargs: dict[str, Any] | None = None,
     compile: bool = False,
     batches: Sequence[int] | None = None,
+    craft_on: nn.Module | None = None,
 ) -> EvalResult:
     """Accuracy of ``model`` on ``(x, y)`` under each attack in ``attacks``, with per-sample flags.
 
@@ -107,6 +118,8 @@ def evaluate(
         progress: show a tqdm bar over batches.
         aa_kwargs: extra keywords for :func:`afs.attacks.autoattack` (``version``, ``state_path``, ...).
         compile: run PGD through the compiled attack loop (GPU speed; same results within float noise).
+        craft_on: a transfer attack: PGD/FGSM examples are crafted on this model (same seeds) and scored on
+            ``model`` (the audit's "transfer from a member onto the stack"). ``None``: white-box.
         batches: run clean/PGD/FGSM on these batch indices only (the cuts of ``batch_size`` above, each with
             its own seed), leaving the other samples' flags False; `afs.distributed.sharded_evaluate` gives
             each rank its share this way. ``None``: every batch.
@@ -123,7 +136,7 @@ def evaluate(
     kinds: dict[str, tuple[str, int]] = {}
     for a in attacks:
         kind = parse_attack(a)
-        key = kind[0] if kind[0] != "pgd" else f"pgd{kind[1]}"
+        key = attack_key(kind)
         if key not in kinds:
             names.append(key)
             kinds[key] = kind
@@ -145,16 +158,22 @@ def evaluate(
         check_labels(y, n, y.device, n_classes=probe.shape[1])
 
     # One attack object per name (validates eps/step_size now, before any batch runs).
+    if craft_on is not None and not isinstance(craft_on, nn.Module):
+        raise TypeError(f"craft_on must be a torch.nn.Module (the transfer source), got {type(craft_on).__name__}")
+    if craft_on is not None and "aa" in kinds:
+        raise ValueError("AutoAttack is white-box only: it cannot run as a transfer attack (craft_on=...)")
+    source = model if craft_on is None else craft_on
     objs: dict[str, PGD] = {}
-    for key, (kind, steps) in kinds.items():
-        if kind == "pgd":
-            objs[key] = PGD(model, eps=eps, alpha=step_size, steps=steps, random_start=True, compile=compile)
+    for key, (kind, steps, restarts) in kinds.items():
+        if kind in ("pgd", "cw"):
+            objs[key] = PGD(source, eps=eps, alpha=step_size, steps=steps, random_start=True, restarts=restarts,
+                            compile=compile and kind == "pgd", loss="ce" if kind == "pgd" else "margin")
         elif kind == "fgsm":
-            objs[key] = FGSM(model, eps=eps, compile=compile)
+            objs[key] = FGSM(source, eps=eps, compile=compile)
     batched = [k for k in names if kinds[k][0] != "aa"]
     correct = {k: torch.zeros(n, dtype=torch.bool) for k in names}
 
-    with eval_mode(model):
+    with eval_mode(model), eval_mode(source):
         n_batches = (n + batch_size - 1) // batch_size
         todo = range(n_batches) if batches is None else [int(b) for b in batches]
         if any(not 0 <= b < n_batches for b in todo):

@@ -15,7 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "read_json", "manifest"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "read_json", "manifest", "git_sha"]
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -63,7 +63,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
-def _git_sha() -> str | None:
+def git_sha() -> str | None:
+    """The commit the code runs from (``-dirty`` appended when tracked files differ from it): ``$AFS_GIT_SHA``
+    when set (a copy of the tree without its .git, e.g. on a device machine), else ``git rev-parse``."""
+    env = os.environ.get("AFS_GIT_SHA")
+    if env:
+        return env
     here = Path(__file__).resolve().parent.parent
     try:
         out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
@@ -82,7 +87,7 @@ def manifest(device: Any = None) -> dict[str, Any]:
     import torch
 
     info: dict[str, Any] = {
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "torch": torch.__version__,

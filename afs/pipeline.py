@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -25,6 +26,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import torch
 from torch import nn
 
+from afs.attacks import AutoAttackWarning
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
 from afs.distributed import ClaimSettings, ClaimStatus, barrier, is_distributed, is_main, run_claimed, sharded_evaluate
@@ -37,7 +39,7 @@ from afs.training import TrainData, budget_name, train_extractor
 
 __all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "SUMMARY_VERSION"]
 
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 _T = TypeVar("_T")
 
 
@@ -49,11 +51,26 @@ class ProfileData:
     test: ImageData  # the class-balanced test subset used for clean/PGD numbers
     aa_index: torch.Tensor  # indices into `test` of the AutoAttack subset (class-balanced, fixed)
     curve_index: torch.Tensor  # indices into `test` of the Fig. 4a subset
+    audit_index: torch.Tensor  # indices into `test` of the robustness-audit subset
 
     def describe(self) -> dict[str, Any]:
+        """Subset sizes and a short content hash of each subset's test indices (which images, in which
+        order), so a summary names exactly the images its numbers were measured on."""
         return {"name": self.test.name, "train": len(self.train.train), "val": len(self.train.val),
                 "test": len(self.test), "aa": len(self.aa_index), "curve": len(self.curve_index),
-                "classes": list(self.test.classes)}
+                "audit": len(self.audit_index), "classes": list(self.test.classes),
+                "subset_sha": {k: _index_hash(v) for k, v in self.subsets().items()}}
+
+    def subsets(self) -> dict[str, torch.Tensor]:
+        """Each evaluation subset as indices into the profile's test subset ("test" is all of it)."""
+        return {"test": torch.arange(len(self.test)), "aa": self.aa_index, "curve": self.curve_index,
+                "audit": self.audit_index}
+
+
+def _index_hash(index: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(index.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
 def load_profile_data(profile: Profile, root: str | Path | None = None) -> ProfileData:
@@ -68,7 +85,8 @@ def load_profile_data(profile: Profile, root: str | Path | None = None) -> Profi
     ev = profile.evaluation
     aa = balanced_subset(test.labels, ev.aa_size, seed=seed + 1)
     curve = balanced_subset(test.labels, ev.curve_size, seed=seed + 2)
-    return ProfileData(TrainData(pool.subset(tr), pool.subset(va)), test, aa, curve)
+    audit = balanced_subset(test.labels, ev.audit_size, seed=seed + 3)
+    return ProfileData(TrainData(pool.subset(tr), pool.subset(va)), test, aa, curve, audit)
 
 
 def stack_name(budgets: Sequence[int], alpha: float, mode: str) -> str:
@@ -183,7 +201,8 @@ class Pipeline:
         ev = self.profile.evaluation
         attacks = list(attacks)
         jpath, spath = where / f"eval_{subset}.json", where / f"eval_{subset}.pt"
-        setting = {"eps": ev.eps, "step_size": ev.step_size, "seed": self.profile.seed, "aa_version": ev.aa_version}
+        setting = {"eps": ev.eps, "step_size": ev.step_size, "seed": self.profile.seed, "aa_version": ev.aa_version,
+                   "images": _index_hash(self.data.subsets()[subset])}
         done = read_json(jpath) if jpath.is_file() else {"setting": setting, "accuracy": {}}
         if done.get("setting") != setting:  # evaluated under other settings: start over
             done = {"setting": setting, "accuracy": {}}
@@ -192,10 +211,16 @@ class Pipeline:
             x, y = self._subset(subset)
             t0 = time.time()
             run_eval = sharded_evaluate if is_distributed() else evaluate
-            res = run_eval(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
-                           batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
-                           progress=self.progress,
-                           aa_kwargs={"version": ev.aa_version, "state_path": where / f"aa_state_{subset}.json"})
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", AutoAttackWarning)
+                res = run_eval(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
+                               batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
+                               progress=self.progress,
+                               aa_kwargs={"version": ev.aa_version, "state_path": where / f"aa_state_{subset}.json"})
+            for w in caught:  # AutoAttack's own checks (checks.py): kept for the audit, and shown as usual
+                if issubclass(w.category, AutoAttackWarning):
+                    done.setdefault("aa_flags", []).append(str(w.message))
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             self._time(f"eval {where.name} {missing}", t0)
             done["accuracy"].update(res.accuracy)
             done["n"] = res.n
@@ -207,27 +232,40 @@ class Pipeline:
             barrier()
         return {a: done["accuracy"][a] for a in attacks}
 
+    def samples(self, where: Path, subset: str = "test") -> dict[str, torch.Tensor]:
+        """Per-sample correctness (bool [n] per attack) saved by `evaluate` in ``where/eval_<subset>.pt``."""
+        path = where / f"eval_{subset}.pt"
+        return torch.load(path, weights_only=True) if path.is_file() else {}
+
+    def aa_flags(self, where: Path, subset: str = "aa") -> list[str]:
+        """AutoAttack's own warnings recorded when ``where`` was evaluated with it (empty: none raised)."""
+        path = where / f"eval_{subset}.json"
+        return list(read_json(path).get("aa_flags", [])) if path.is_file() else []
+
     def _subset(self, subset: str) -> tuple[torch.Tensor, torch.Tensor]:
         t = self.data.test
-        if subset == "test":
-            return t.images, t.labels
-        idx = {"aa": self.data.aa_index, "curve": self.data.curve_index}[subset]
+        idx = self.data.subsets()[subset]
         return t.images[idx], t.labels[idx]
 
     def curve(self, model: nn.Module, where: Path) -> list[float]:
         """PGD-10 accuracy at each of the profile's ``curve_budgets`` (Fig. 4a), on the curve subset."""
         ev = self.profile.evaluation
-        path = where / "eval_curve.json"
-        key = {"budgets": list(ev.curve_budgets), "step_size": ev.step_size, "seed": self.profile.seed}
-        if path.is_file() and read_json(path).get("setting") == key:
+        path, spath = where / "eval_curve.json", where / "eval_curve.pt"
+        key = {"budgets": list(ev.curve_budgets), "step_size": ev.step_size, "seed": self.profile.seed,
+               "images": _index_hash(self.data.curve_index)}
+        if path.is_file() and spath.is_file() and read_json(path).get("setting") == key:
             return read_json(path)["accuracy"]
         x, y = self._subset("curve")
         t0 = time.time()
-        acc = [evaluate(model, x, y, attacks=("clean",) if b == 0 else ("pgd10",), eps=eps_from_budget(b),
-                        step_size=ev.step_size, batch_size=ev.batch_size, seed=self.profile.seed,
-                        device=self.device, progress=False).accuracy["clean" if b == 0 else "pgd10"]
-               for b in ev.curve_budgets]
+        acc, flags = [], {}
+        for b in ev.curve_budgets:
+            name = "clean" if b == 0 else "pgd10"
+            res = evaluate(model, x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
+                           batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False)
+            acc.append(res.accuracy[name])
+            flags[f"eps{b}"] = res.correct[name]
         self._time(f"curve {where.name}", t0)
+        atomic_torch_save(flags, spath)
         atomic_write_json(path, {"setting": key, "accuracy": acc})
         return acc
 
@@ -235,25 +273,30 @@ class Pipeline:
         self.timings[what] = round(time.time() - t0, 1)
 
     # --- the experiments --------------------------------------------------------------------------
-    def run_extractors(self) -> dict[str, dict[str, float]]:
+    def key(self, d: Path) -> str:
+        """A stage's name in a summary: its directory relative to the run root ("extractors/eps8")."""
+        return str(d.relative_to(self.root))
+
+    def run_extractors(self) -> dict[str, dict[str, Any]]:
         """Table I: every budget's network on clean / PGD-10 / PGD-20."""
         out = {}
         for b in self.profile.extractor.budgets:
             model = self.extractor(b)
             d = self.extractor_dir(eps_from_budget(b))
-            out[str(b)] = {**self.evaluate(model, d, ("clean", "pgd10", "pgd20")),
+            out[str(b)] = {"key": self.key(d), **self.evaluate(model, d, ("clean", "pgd10", "pgd20")),
                            "best_epoch": read_json(d / "metrics.json")["best_epoch"]}
         return out
 
     def stack_record(self, budgets: Sequence[int], alpha: float, mode: str, aa: bool = False) -> dict[str, Any]:
         stack = self.stack(budgets, alpha, mode)
         d = self.stack_dir(budgets, alpha, mode)
-        rec: dict[str, Any] = {"name": d.name, "members": list(budgets), "alpha": alpha, "mode": mode,
-                               **self.evaluate(stack, d, ("clean", "pgd10", "pgd20")),
+        rec: dict[str, Any] = {"name": d.name, "key": self.key(d), "members": list(budgets), "alpha": alpha,
+                               "mode": mode, **self.evaluate(stack, d, ("clean", "pgd10", "pgd20")),
                                "importance_ratio": stack.importance_ratio().tolist()}
         if aa:
-            on_aa = self.evaluate(stack, d, ("clean", "aa"), subset="aa")
-            rec["aa"], rec["aa_clean"] = on_aa["aa"], on_aa["clean"]
+            # Table IV's rows: clean, PGD-20 and AutoAttack all on the AutoAttack subset (one set of images).
+            on_aa = self.evaluate(stack, d, ("clean", "pgd20", "aa"), subset="aa")
+            rec["aa"], rec["aa_clean"], rec["aa_pgd20"] = on_aa["aa"], on_aa["clean"], on_aa["pgd20"]
         return rec
 
     # --- several workers on one run directory ----------------------------------------------------
@@ -333,11 +376,14 @@ class Pipeline:
 
         # The naive approach: the mean of the members' logits.
         ens = self.ensemble(default)
-        ens_dir = self.root / "ensembles" / "-".join(map(str, default))
-        summary["ensemble"] = {"members": list(default), **self.evaluate(ens, ens_dir, ("clean", "pgd10", "pgd20"))}
+        ens_dir = self.ensemble_dir(default)
+        summary["ensemble"] = {"members": list(default), "key": self.key(ens_dir),
+                               **self.evaluate(ens, ens_dir, ("clean", "pgd10", "pgd20"))}
 
-        # Table IV: AutoAttack on the single 8/255 network (PGD-AT) and the default stack.
-        b8 = 8 if 8 in p.extractor.budgets else max(p.extractor.budgets)
+        # Table IV: the single 8/255 network (PGD-AT) and the default stack, every column on the AutoAttack
+        # subset (so the trade-off mean(clean, AA) averages two numbers measured on the same images); the
+        # clean and PGD-20 accuracies on the whole test subset stand beside them as *_test.
+        b8 = self.robust_budget()
         single = self.extractor(b8)
         sd = self.extractor_dir(eps_from_budget(b8))
         aa_single = self.evaluate(single, sd, ("clean", "pgd20", "aa"), subset="aa")
@@ -345,21 +391,40 @@ class Pipeline:
         e8 = summary["extractors"][str(b8)]
         summary["comparison"] = {
             "aa_images": len(self.data.aa_index),
+            "subset": "aa",
             "rows": [
-                {"method": f"PGD-AT ({b8}/255)", "clean": e8["clean"], "pgd": e8["pgd20"], "aa": aa_single["aa"],
-                 "tradeoff": trade_off(e8["clean"], aa_single["aa"]), "aa_subset_clean": aa_single["clean"]},
-                {"method": "AFS", "clean": st["clean"], "pgd": st["pgd20"], "aa": st["aa"],
-                 "tradeoff": trade_off(st["clean"], st["aa"]), "aa_subset_clean": st["aa_clean"]},
+                {"method": f"PGD-AT ({b8}/255)", "key": e8["key"], "clean": aa_single["clean"], "pgd": aa_single["pgd20"],
+                 "aa": aa_single["aa"], "tradeoff": trade_off(aa_single["clean"], aa_single["aa"]),
+                 "clean_test": e8["clean"], "pgd_test": e8["pgd20"]},
+                {"method": "AFS", "key": st["key"], "clean": st["aa_clean"], "pgd": st["aa_pgd20"], "aa": st["aa"],
+                 "tradeoff": trade_off(st["aa_clean"], st["aa"]), "clean_test": st["clean"], "pgd_test": st["pgd20"]},
             ],
         }
         summary["ablation"] = self.run_ablation(default, b8, e8, st)
         summary["curves"] = self.run_curves(default)
+        summary["audit"] = self.run_audit(default)
+        summary["samples"] = self.collect_samples(summary)
+        # Evidence: a 95% interval on every accuracy, the paper's claims and the audit's checks as verdicts.
+        from afs import evidence
+
+        evidence.attach_intervals(summary)
+        summary["claims"] = evidence.evaluate_claims(summary)
+        summary["audit"]["checks"] = evidence.evaluate_claims(summary, which="audit") + [self._aa_flag_check(summary)]
         summary["timings"] = {**self.timings, "total_this_call_s": round(time.time() - t_start, 1)}
+        validate_summary(summary)
         if write:
             atomic_write_json(self.root / "summary.json", summary)
         return summary
 
-    def run_ablation(self, default: Sequence[int], b8: int, e8: dict[str, float], st: dict[str, Any]) -> list[dict[str, Any]]:
+    def robust_budget(self) -> int:
+        """The paper's PGD-AT baseline and most robust stacking candidate: #8, else the largest budget."""
+        budgets = self.profile.extractor.budgets
+        return 8 if 8 in budgets else max(budgets)
+
+    def ensemble_dir(self, budgets: Sequence[int]) -> Path:
+        return self.root / "ensembles" / "-".join(map(str, budgets))
+
+    def run_ablation(self, default: Sequence[int], b8: int, e8: dict[str, Any], st: dict[str, Any]) -> list[dict[str, Any]]:
         """Table VI: baseline, random budget per batch, a wider single network, AFS; params and FLOPs."""
         p = self.profile
         lo, hi = p.experiments.random_budget_range
@@ -377,9 +442,9 @@ class Pipeline:
             ("AFS", stack, None),
         ):
             acc = (e8 if setting.startswith("Baseline") else st if setting == "AFS"
-                   else self.evaluate(model, d, ("clean", "pgd20")))
+                   else {"key": self.key(d), **self.evaluate(model, d, ("clean", "pgd20"))})
             flops = count_flops(model)
-            rows.append({"setting": setting, "params_M": count_parameters(model) / 1e6,
+            rows.append({"setting": setting, "key": acc["key"], "params_M": count_parameters(model) / 1e6,
                          "flops_G": flops / 1e9, "macs_G": flops / 2e9,
                          "clean": acc["clean"], "pgd20": acc["pgd20"]})
         return rows
@@ -390,8 +455,136 @@ class Pipeline:
         for b in default:
             models[f"#{b} ({b}/255)"] = (self.extractor(b), self.extractor_dir(eps_from_budget(b)))
         return {"budgets_255": list(self.profile.evaluation.curve_budgets), "images": len(self.data.curve_index),
+                "subset": "curve", "keys": {k: self.key(d) for k, (_, d) in models.items()},
                 "accuracy": {k: self.curve(m, d) for k, (m, d) in models.items()}}
 
+    # --- the robustness audit ---------------------------------------------------------------------
+    def audit_attacks(self) -> dict[str, str]:
+        """The audit's attacks by role: PGD-20 (the reported one), a stronger PGD (more steps, restarts),
+        PGD-20 on the CW margin loss."""
+        ev = self.profile.evaluation
+        strong = f"pgd{ev.audit_steps}" + (f"x{ev.audit_restarts}" if ev.audit_restarts > 1 else "")
+        return {"pgd20": "pgd20", "strong": strong, "cw20": "cw20"}
+
+    def run_audit(self, default: Sequence[int]) -> dict[str, Any]:
+        """Is the stack's robustness real or gradient masking? On the audit subset, for the default stack
+        and its most robust member (Carlini et al.'s checklist, the parts a stacked model needs):
+
+        (a) PGD-20 crafted on each member and on the logit ensemble, scored on the stack (transfer);
+        (b) PGD-20 at growing eps up to 64/255 (step eps/4): accuracy must fall to about 0;
+        (c) PGD with more steps and restarts against PGD-20;
+        (d) PGD-20 on the CW margin loss against PGD-20 on cross-entropy;
+        (e) AutoAttack's own flags, from the Table IV runs.
+        Results are cached per model in ``<stage>/eval_audit.{json,pt}`` (transfer in ``audit/``)."""
+        ev, p = self.profile.evaluation, self.profile
+        b8 = self.robust_budget()
+        stack_d = self.stack_dir(default, p.merger.alpha, p.merger.mode)
+        models = {"stack": (self.stack(default), stack_d), "member": (self.extractor(b8), self.extractor_dir(eps_from_budget(b8)))}
+        roles = self.audit_attacks()
+        out: dict[str, Any] = {"subset": "audit", "images": len(self.data.audit_index), "attacks": roles,
+                               "eps_sweep_255": [8, *ev.audit_budgets], "models": {}, "transfer": {}}
+        for who, (model, d) in models.items():
+            acc = self.evaluate(model, d, ("clean", *roles.values()), subset="audit")
+            rec = {"key": self.key(d), **{role: acc[name] for role, name in roles.items()}, "clean": acc["clean"]}
+            for b in ev.audit_budgets:
+                rec[f"eps{b}"] = self._audit_eps(model, d, b)
+            out["models"][who] = rec
+        # (a) transfer onto the stack, from each member and from the mean-of-logits ensemble.
+        stack = models["stack"][0]
+        sources = {f"#{b}": self.extractor(b) for b in default}
+        sources["ensemble"] = self.ensemble(default)
+        for name, src in sources.items():
+            out["transfer"][name] = self._audit_transfer(stack, src, name)
+        out["autoattack_flags"] = {who: self.aa_flags(d) for who, (_, d) in models.items()}
+        return out
+
+    def _audit_eps(self, model: nn.Module, where: Path, budget: int) -> float:
+        """PGD-20 at ``budget``/255 (step eps/4) on the audit subset, cached as attack ``eps<budget>``."""
+        path, spath = where / "eval_audit_eps.json", where / "eval_audit_eps.pt"
+        setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "steps": 20}
+        done = read_json(path) if path.is_file() else {}
+        if done.get("setting") != setting or not spath.is_file():
+            done = {"setting": setting, "accuracy": {}}
+        name = f"eps{budget}"
+        if name not in done["accuracy"]:
+            x, y = self._subset("audit")
+            eps = eps_from_budget(budget)
+            t0 = time.time()
+            res = evaluate(model, x, y, ("pgd20",), eps=eps, step_size=eps / 4, batch_size=self.profile.evaluation.batch_size,
+                           seed=self.profile.seed, device=self.device, progress=False)
+            self._time(f"audit {where.name} {name}", t0)
+            flags = torch.load(spath, weights_only=True) if spath.is_file() else {}
+            flags[name] = res.correct["pgd20"]
+            atomic_torch_save(flags, spath)
+            done["accuracy"][name] = res.accuracy["pgd20"]
+            atomic_write_json(path, done)
+        return done["accuracy"][name]
+
+    def _audit_transfer(self, target: nn.Module, source: nn.Module, name: str) -> float:
+        """Accuracy of ``target`` on PGD-20 examples crafted on ``source`` (same seeds as the white-box run)."""
+        ev = self.profile.evaluation
+        d = self.root / "audit" / "transfer"
+        path, spath = d / f"eval_{name.strip('#')}.json", d / f"eval_{name.strip('#')}.pt"
+        setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "eps": ev.eps,
+                   "step_size": ev.step_size, "target": self.key(self.stack_dir(self.profile.merger.stack,
+                                                                                self.profile.merger.alpha,
+                                                                                self.profile.merger.mode))}
+        if path.is_file() and spath.is_file() and read_json(path).get("setting") == setting:
+            return read_json(path)["accuracy"]
+        x, y = self._subset("audit")
+        t0 = time.time()
+        res = evaluate(target, x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size, batch_size=ev.batch_size,
+                       seed=self.profile.seed, device=self.device, progress=False, craft_on=source)
+        self._time(f"audit transfer {name}", t0)
+        atomic_torch_save({"pgd20": res.correct["pgd20"]}, spath)
+        atomic_write_json(path, {"setting": setting, "accuracy": res.accuracy["pgd20"]})
+        return res.accuracy["pgd20"]
+
+    @staticmethod
+    def _aa_flag_check(summary: dict[str, Any]) -> dict[str, Any]:
+        """(e) as a verdict: AutoAttack's own checks raised nothing on the stack or the member."""
+        flags = summary["audit"]["autoattack_flags"]
+        n = sum(len(v) for v in flags.values())
+        return {"id": "audit-autoattack-flags", "source": "audit (e)", "subset": "aa", "op": "<", "threshold": 1,
+                "unit": "flags", "claim": "AutoAttack's own checks (pyautoattack checks.py) raised no flag on the stack "
+                                          "or the member", "compares": "number of AutoAttack warnings",
+                "paper": None, "estimate": float(n), "ci95": [float(n), float(n)], "n": summary["comparison"]["aa_images"],
+                "verdict": "holds" if n == 0 else "fails", "flags": flags}
+
+    # --- per-sample results, into the summary ------------------------------------------------------
+    def collect_samples(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """Every row's per-sample correctness, bit-packed, by subset and stage key (`afs.evidence`): what
+        the intervals and verdicts are computed from, and what lets anyone recompute them."""
+        from afs.evidence import pack_bits
+
+        keys = {r["key"] for r in summary["extractors"].values()} | {r["key"] for r in summary["stacks"]}
+        keys |= {summary["ensemble"]["key"]} | {r["key"] for r in summary["ablation"]}
+        out: dict[str, Any] = {}
+
+        def put(subset: str, key: str, flags: dict[str, torch.Tensor], rename: dict[str, str] | None = None) -> None:
+            sub = out.setdefault(subset, {"n": len(self.data.subsets()[subset]), "rows": {}})
+            row = sub["rows"].setdefault(key, {})
+            for metric, f in flags.items():
+                if f.numel() != sub["n"]:
+                    raise RuntimeError(f"{key}: {metric} has {f.numel()} samples on subset {subset!r}, "
+                                       f"expected {sub['n']} (a stale cached evaluation?)")
+                row[(rename or {}).get(metric, metric)] = pack_bits(f)
+
+        for key in sorted(keys):
+            put("test", key, self.samples(self.root / key, "test"))
+        for r in summary["comparison"]["rows"]:
+            put("aa", r["key"], self.samples(self.root / r["key"], "aa"))
+        for key in summary["curves"]["keys"].values():
+            put("curve", key, self.samples(self.root / key, "curve"))
+        audit = summary["audit"]
+        inverse = {name: role for role, name in audit["attacks"].items()}
+        for who, rec in audit["models"].items():
+            d = self.root / rec["key"]
+            put("audit", who, {k: v for k, v in self.samples(d, "audit").items() if k in inverse or k == "clean"}, inverse)
+            put("audit", who, self.samples(d, "audit_eps"))
+        for name in audit["transfer"]:
+            put("audit", f"transfer:{name}", self.samples(self.root / "audit" / "transfer", name.strip("#")))
+        return out
 
 def default_summary_path(profile: str, out: str | Path = "runs") -> Path:
     return Path(out) / profile / "summary.json"
@@ -440,3 +633,23 @@ def validate_summary(summary: dict[str, Any]) -> None:
     for row in summary["comparison"]["rows"]:
         need(all(pct(row.get(k)) for k in ("clean", "pgd", "aa", "tradeoff")), f"comparison row {row.get('method')}")
     need(len(summary["ablation"]) == 4, "ablation needs 4 rows (Table VI)")
+    # Evidence (schema 2): intervals beside every accuracy, verdicts, the audit, the per-sample rows.
+    for key in ("samples", "claims", "audit"):
+        need(key in summary, f"missing '{key}'")
+
+    def interval_ok(rec: dict[str, Any], where: str) -> None:
+        ci = rec.get("ci95")
+        need(isinstance(ci, dict), f"{where}.ci95 missing")
+        for m, (lo, hi) in ci.items():
+            need(lo <= rec[m] + 1e-9 and rec[m] <= hi + 1e-9 or lo <= hi, f"{where}.ci95.{m} = [{lo}, {hi}] malformed")
+
+    for b, rec in summary["extractors"].items():
+        interval_ok(rec, f"extractors.{b}")
+    for i, rec in enumerate(summary["stacks"]):
+        interval_ok(rec, f"stacks[{i}]")
+    for row in summary["comparison"]["rows"]:
+        interval_ok(row, f"comparison {row.get('method')}")
+    for c in [*summary["claims"], *summary["audit"].get("checks", [])]:
+        need(c.get("verdict") in ("holds", "fails", "inconclusive", "not run"), f"claim {c.get('id')}: verdict {c.get('verdict')!r}")
+        if c["verdict"] != "not run":
+            need(len(c.get("ci95") or []) == 2, f"claim {c.get('id')}: ci95 missing")

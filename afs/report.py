@@ -56,8 +56,18 @@ __all__ = [
     "compare_table",
     "fmt",
     "savefig",
-    "check_claims",
-    "FULL_SCALE_PROFILES",
+    "check_invariants",
+    "claim_rows",
+    "claims_table",
+    "print_claims",
+    "interval",
+    "error_bars",
+    "with_ci",
+    "plane_points",
+    "sample_flags",
+    "sample_intervals",
+    "audit_records",
+    "readme_claims_table",
     "mask_role",
     "extractor_table",
     "alpha_table",
@@ -75,6 +85,8 @@ RUNS_ENV = "AFS_RUNS"
 FIGURES_ENV = "AFS_FIGURES"
 README_BEGIN = "<!-- results:begin -->"
 README_END = "<!-- results:end -->"
+CLAIMS_BEGIN = "<!-- claims:begin -->"
+CLAIMS_END = "<!-- claims:end -->"
 _PAPER_FILE = "paper_tables.json"
 _MISSING = "—"  # printed for a value a table does not have (not measured, or not in the paper)
 
@@ -254,6 +266,9 @@ def header(profile: "str | Profile | None", reproduces: str, *, started: float |
                      "lossy; numbers are close to, not equal to, lossless CIFAR-10's)")
     if prof.name != "paper":
         lines.append("            (a reduced profile: compare trends with the paper, not absolute numbers)")
+    from afs.io import git_sha
+
+    lines.append(f"Code:       git {git_sha() or 'unknown (not a git checkout)'}")
     lines.append(f"Hardware:   {_hardware()}")
     print("\n".join(lines))
     return Timer(started)
@@ -346,25 +361,153 @@ def savefig(fig: Any, name: str, *, dpi: int = 130) -> Path:
 
 
 # ----------------------------------------------------------------------------------------------------
-# Claims
+# Invariants (asserted) and claims (reported)
 # ----------------------------------------------------------------------------------------------------
-# Profiles big enough for the claims a notebook asserts "at scale"; `smoke` (1 epoch on 256 images) only
-# proves the code runs, so its accuracies are noise and only scale-free claims are asserted there.
-FULL_SCALE_PROFILES = ("cpu", "quick", "paper")
+def check_invariants(checks: Sequence[tuple[str, bool]], *, context: str = "") -> None:
+    """Print and assert what the *code* guarantees (shapes, sums, bounds, the subset used): these hold under
+    every profile, so a failure is a bug. The paper's claims are never asserted: see `print_claims`."""
+    failed = [text for text, ok in checks if not ok]
+    print(f"Invariants of the code{': ' + context if context else ''}")
+    for text, ok in checks:
+        print(f"  [{'ok' if ok else 'BROKEN'}] {text}")
+    if failed:
+        raise AssertionError("code invariants broken: " + "; ".join(failed))
 
 
-def check_claims(claims: Sequence[tuple[str, bool]], *, enforce: bool = True, context: str = "") -> list[str]:
-    """Print each claim with whether it holds; with ``enforce``, raise AssertionError naming those that do
-    not. Without ``enforce`` (a profile too small for the claim) the outcome is printed, not asserted.
-    Returns the claims that failed."""
-    failed = [text for text, ok in claims if not ok]
-    tag = "asserted" if enforce else "shown, not asserted"
-    print(f"Claims ({tag}){': ' + context if context else ''}")
-    for text, ok in claims:
-        print(f"  [{'holds' if ok else 'FAILS'}] {text}")
-    if enforce and failed:
-        raise AssertionError("claims that do not hold: " + "; ".join(failed))
-    return failed
+def _num(v: Any, digits: int = 2) -> str:
+    return _MISSING if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:+.{digits}f}"
+
+
+def _threshold_text(c: Mapping[str, Any]) -> str:
+    op, t = c.get("op"), c.get("threshold")
+    return f"within ±{t:g}" if op == "within" else f"{op} {t:g}"
+
+
+def _from_source(claim: Mapping[str, Any], source: str | None) -> bool:
+    """Whether a claim's ``source`` ("Table II (III-B)") starts with the word(s) ``source``: "Table I" picks
+    "Table I (III-A)" but not "Table II ..." (the prefix must end where a word ends)."""
+    src = str(claim.get("source", ""))
+    return source is None or (src.startswith(source) and (len(src) == len(source) or not src[len(source)].isalnum()))
+
+
+def claim_rows(claims: Sequence[Mapping[str, Any]], source: str | None = None) -> list[list[Any]]:
+    """Rows (claim, paper, ours, 95% CI, test, verdict) of the claims whose ``source`` starts with the words
+    ``source`` (see `_from_source`)."""
+    rows = []
+    for c in claims:
+        if not _from_source(c, source):
+            continue
+        ci = c.get("ci95")
+        ci_text = _MISSING if not ci else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]"
+        ours = _num(c.get("estimate")) if c.get("verdict") != "not run" else f"not run ({c.get('reason', '')})"
+        rows.append([f"{c.get('source')}: {c.get('claim')}", _num(c.get("paper")), ours, ci_text,
+                     _threshold_text(c), str(c.get("verdict")).upper() if c.get("verdict") == "fails" else c.get("verdict")])
+    return rows
+
+
+def claims_table(summary: Mapping[str, Any], source: str | None = None, *, which: str = "claims") -> str:
+    """The paper's claims (``which="claims"``) or the audit's checks (``"audit"``) of a summary as a verdict
+    table: the statistic on the paper's own numbers, this run's estimate with its paired-bootstrap 95%
+    interval, the threshold from the paper's words, and holds / fails / inconclusive (`afs.evidence`)."""
+    claims = summary.get("claims", []) if which == "claims" else summary.get("audit", {}).get("checks", [])
+    rows = claim_rows(claims, source)
+    if not rows:
+        return f"(no {which} from {source!r} in this summary)"
+    n = {c.get("subset"): c.get("n") for c in claims if c.get("n") and _from_source(c, source)}
+    note = ("estimate and paper value are the claim's statistic (a difference in points, or a slope); "
+            "95% CI: paired bootstrap over the same test images (" + ", ".join(f"{k}: {v} images" for k, v in n.items()) + ")")
+    return format_table(["claim", "paper", "ours", "95% CI", "test", "verdict"], rows,
+                        title=f"{'Paper claims' if which == 'claims' else 'Robustness audit'}"
+                              f"{' (' + source + ')' if source else ''}: verdicts at this scale") + "\n" + note
+
+
+def print_claims(summary: Mapping[str, Any], source: str | None = None, *, which: str = "claims") -> None:
+    """Print `claims_table`; never raises on a verdict (a reduced-scale outcome is a finding, not a bug)."""
+    print(claims_table(summary, source, which=which))
+
+
+def interval(rec: Mapping[str, Any], metric: str) -> tuple[float, float] | None:
+    """``rec["ci95"][metric]`` as (lo, hi), or None."""
+    ci = (rec.get("ci95") or {}).get(metric)
+    return None if ci is None else (float(ci[0]), float(ci[1]))
+
+
+def error_bars(recs: Sequence[Mapping[str, Any]], metric: str) -> list[list[float]]:
+    """matplotlib ``yerr`` (2 x n: below, above) from the records' 95% intervals of ``metric``."""
+    lo, hi = [], []
+    for r in recs:
+        ci = interval(r, metric)
+        v = float(r[metric])
+        lo.append(0.0 if ci is None else max(0.0, v - ci[0]))
+        hi.append(0.0 if ci is None else max(0.0, ci[1] - v))
+    return [lo, hi]
+
+
+def with_ci(rec: Mapping[str, Any], metric: str, digits: int = 1) -> str:
+    """``"36.0 [31.8, 40.2]"``: an accuracy with its 95% interval, for printing."""
+    v, ci = rec.get(metric), interval(rec, metric)
+    if v is None:
+        return _MISSING
+    return f"{v:.{digits}f}" + ("" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
+
+
+def plane_points(recs: Mapping[str, Mapping[str, Any]], x: str = "pgd20", y: str = "clean") -> tuple[dict, dict]:
+    """Records as `afs.analysis.plot_accuracy_plane` input: ``({label: (x, y)}, {label: (x CI, y CI)})``,
+    the second being the records' 95% intervals (None where a record has none)."""
+    points = {k: (float(r[x]), float(r[y])) for k, r in recs.items()}
+    return points, {k: (interval(r, x), interval(r, y)) for k, r in recs.items()}
+
+
+def sample_flags(summary: Mapping[str, Any], subset: str, key: str) -> dict[str, Any]:
+    """Per-sample correctness of row ``key`` on ``subset``, unpacked from ``summary["samples"]``:
+    ``{metric: bool array (n,)}`` ({} when the summary holds no such row). Raises if a row's length is not
+    the subset's ``n`` (`afs.evidence.unpack_bits`)."""
+    from afs.evidence import unpack_bits
+
+    sub = summary.get("samples", {}).get(subset, {})
+    return {m: unpack_bits(text, int(sub["n"])) for m, text in sub.get("rows", {}).get(key, {}).items()}
+
+
+def sample_intervals(summary: Mapping[str, Any], subset: str, key: str, metrics: Sequence[str]) -> dict[str, list[float]]:
+    """95% intervals of row ``key``'s accuracies, recomputed from its per-sample flags with the summary's
+    own bootstrap (`afs.evidence.Bootstrap`, seeded with the profile's seed, as ``ci95`` is). "tradeoff" is
+    mean(clean, aa) per image; a metric without a per-sample row is left out."""
+    from afs.evidence import percentile_interval
+
+    flags = {m: f.astype("float32") for m, f in sample_flags(summary, subset, key).items()}
+    if "clean" in flags and "aa" in flags:
+        flags["tradeoff"] = (flags["clean"] + flags["aa"]) / 2  # Table IV's trade-off, image by image
+    boot = _bootstrap(int(summary["samples"][subset]["n"]), int(summary.get("config", {}).get("seed", 0))) if flags else None
+    return {m: percentile_interval(boot.means(flags[m])) for m in metrics if m in flags}
+
+
+_BOOTSTRAPS: dict[tuple[int, int], Any] = {}
+
+
+def _bootstrap(n: int, seed: int) -> Any:
+    """One `afs.evidence.Bootstrap` per (n, seed): its count matrix is the costly part, and every row of a
+    subset shares it (that is what makes differences between rows paired)."""
+    from afs.evidence import Bootstrap
+
+    if (n, seed) not in _BOOTSTRAPS:
+        _BOOTSTRAPS[(n, seed)] = Bootstrap(n, seed=seed)
+    return _BOOTSTRAPS[(n, seed)]
+
+
+def audit_records(summary: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    """The robustness audit (``summary["audit"]``) as records that `with_ci` and `error_bars` read:
+    ``"stack"`` and ``"member"`` (clean, pgd20, strong, cw20, eps<b>) and ``"transfer:<source>"`` (pgd20: the
+    stack's accuracy on PGD-20 examples crafted on ``source``). Each has the summary's accuracies, ``ci95``
+    from `sample_intervals`, and ``from_bits``: the accuracies recomputed from the per-sample rows, so a
+    notebook can check that the rows are the ones the numbers came from."""
+    audit = summary["audit"]
+    recs = {who: {m: v for m, v in rec.items() if m != "key"} for who, rec in audit["models"].items()}
+    recs.update({f"transfer:{src}": {"pgd20": acc} for src, acc in audit["transfer"].items()})
+    for who, rec in recs.items():
+        flags = sample_flags(summary, "audit", who)
+        rec["ci95"] = sample_intervals(summary, "audit", who, list(rec))
+        rec["from_bits"] = {m: 100.0 * float(f.mean()) for m, f in flags.items()}
+    return recs
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -464,8 +607,8 @@ def comparison_table(summary: Mapping[str, Any]) -> str:
     n = summary["comparison"].get("aa_images")
     return compare_table("Table IV: CIFAR-10 comparison (accuracy %; PGD = PGD-20; trade-off = mean(clean, AA))",
                          cols, paper, run, key="method",
-                         note=f"this run: AutoAttack on {n} test images (a class-balanced subset); clean and "
-                              f"PGD on the profile's test set")
+                         note=f"this run: every column on the same {n} test images (the class-balanced AutoAttack "
+                              f"subset), so the trade-off averages two numbers measured on the same images")
 
 
 def ablation_table(summary: Mapping[str, Any]) -> str:
@@ -545,7 +688,7 @@ def _data_cell(s: Mapping[str, Any]) -> str:
     d = s.get("dataset", {})
     name = d.get("name", s.get("config", {}).get("data", {}).get("name", "?"))
     parts = [f"{d['train']:,} train" if "train" in d else None, f"{d['test']:,} test" if "test" in d else None,
-             f"AA on {d['aa']:,}" if "aa" in d else None]
+             f"Table IV on the {d['aa']:,} AA images" if "aa" in d else None]
     inner = ", ".join(p for p in parts if p)
     return f"{name} ({inner})" if inner else name
 
@@ -558,55 +701,99 @@ def _comparison_row(s: Mapping[str, Any], which: str) -> Mapping[str, Any]:
     return {}
 
 
+def _md_ci(row: Mapping[str, Any], metric: str) -> str:
+    """A markdown cell ``27.60 (23.8–31.5)``: the value and its 95% interval, when the summary has one."""
+    v, ci = row.get(metric), interval(row, metric)
+    return _md_num(v) + ("" if ci is None else f" ({ci[0]:.1f}–{ci[1]:.1f})")
+
+
 def readme_results_table(results_dir: str | Path = "results") -> str:
     """The README's results table (markdown) from ``<results_dir>/<profile>/summary.json`` files, with the
     paper's row last. Columns: profile, data, the single 8/255 network (PGD-AT) clean / PGD-20 / AA, the
-    default AFS stack clean / PGD-20 / AA, and the trade-off mean(clean, AA) of both. A value a summary
-    lacks (e.g. AutoAttack not run) prints as a dash."""
-    root = Path(results_dir)
-    found = sorted(root.glob("*/summary.json")) if root.is_dir() else []
-    summaries = []
-    for path in found:
-        try:
-            summaries.append(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-    summaries.sort(key=lambda s: _profile_sort_key(str(s.get("profile", ""))))
-    head = ("| profile | data | PGD-AT 8/255 clean | PGD-20 | AA | AFS clean | PGD-20 | AA | trade-off PGD-AT → AFS |\n"
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|")
+    default AFS stack clean / PGD-20 / AA, and the trade-off mean(clean, AA) of both: Table IV's rows, every
+    column on the same (AutoAttack) images, each with its 95% interval. A value a summary lacks prints as a
+    dash."""
+    summaries = _load_summaries(results_dir)
+    head = ("| profile | data (Table IV images) | PGD-AT 8/255 clean | PGD-20 | AA | AFS clean | PGD-20 | AA | "
+            "trade-off PGD-AT → AFS |\n|---|---|---:|---:|---:|---:|---:|---:|---:|")
     lines = [head]
     for s in summaries:
         one, afs = _comparison_row(s, "single"), _comparison_row(s, "AFS")
-        trade = f"{_md_num(one.get('tradeoff'))} → {_md_num(afs.get('tradeoff'))}"
-        lines.append(f"| `{s.get('profile', '?')}` | {_data_cell(s)} | {_md_num(one.get('clean'))} | "
-                     f"{_md_num(one.get('pgd'))} | {_md_num(one.get('aa'))} | {_md_num(afs.get('clean'))} | "
-                     f"{_md_num(afs.get('pgd'))} | {_md_num(afs.get('aa'))} | {trade} |")
+        trade = f"{_md_ci(one, 'tradeoff')} → {_md_ci(afs, 'tradeoff')}"
+        lines.append(f"| `{s.get('profile', '?')}` | {_data_cell(s)} | {_md_ci(one, 'clean')} | "
+                     f"{_md_ci(one, 'pgd')} | {_md_ci(one, 'aa')} | {_md_ci(afs, 'clean')} | "
+                     f"{_md_ci(afs, 'pgd')} | {_md_ci(afs, 'aa')} | {trade} |")
     t4 = {r["method"]: r for r in paper_table("table_IV_cifar10")}
     p1, pa = t4["PGD-AT"], t4["AFS"]
     lines.append(f"| paper (Table IV) | CIFAR-10 (50,000 train, 10,000 test) | {_md_num(p1['clean'])} | "
                  f"{_md_num(p1['pgd'])} | {_md_num(p1['aa'])} | {_md_num(pa['clean'])} | {_md_num(pa['pgd'])} | "
                  f"{_md_num(pa['aa'])} | {_md_num(p1['tradeoff'])} → {_md_num(pa['tradeoff'])} |")
     if not summaries:
-        lines.append(f"\n_No results yet: `{root}/<profile>/summary.json` is written by `afs reproduce` and "
+        lines.append(f"\n_No results yet: `{results_dir}/<profile>/summary.json` is written by `afs reproduce` and "
                      f"copied there when committed._")
     return "\n".join(lines)
 
 
+def _load_summaries(results_dir: str | Path) -> list[dict[str, Any]]:
+    root = Path(results_dir)
+    found = sorted(root.glob("*/summary.json")) if root.is_dir() else []
+    out = []
+    for path in found:
+        try:
+            out.append(json.loads(path.read_text()))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+    return sorted(out, key=lambda s: _profile_sort_key(str(s.get("profile", ""))))
+
+
+def readme_claims_table(results_dir: str | Path = "results") -> str:
+    """The README's claims table (markdown): one row per paper claim and audit check, the claim's statistic
+    on the paper's own numbers, and for each committed summary its estimate, 95% interval and verdict. Only
+    summaries that carry verdicts (schema 2) get a column."""
+    summaries = [s for s in _load_summaries(results_dir) if "claims" in s]
+    if not summaries:
+        return f"_No verdicts yet: `{results_dir}/<profile>/summary.json` files with `claims` are written by `afs reproduce`._"
+    cols = " | ".join(f"`{s['profile']}`: estimate [95% CI] → verdict" for s in summaries)
+    lines = [f"| source | claim | test | paper | {cols} |", "|---|---|---|---:|" + "---|" * len(summaries)]
+    first = summaries[0]
+    for c in [*first["claims"], *first.get("audit", {}).get("checks", [])]:
+        cells = []
+        for s in summaries:
+            match = next((d for d in [*s["claims"], *s.get("audit", {}).get("checks", [])] if d["id"] == c["id"]), None)
+            if match is None or match.get("verdict") == "not run":
+                cells.append("not run")
+                continue
+            lo, hi = match["ci95"]
+            v = match["verdict"]
+            cells.append(f"{match['estimate']:+.2f} [{lo:+.2f}, {hi:+.2f}] → **{v}**" if v != "inconclusive"
+                         else f"{match['estimate']:+.2f} [{lo:+.2f}, {hi:+.2f}] → {v}")
+        paper = c.get("paper")
+        lines.append(f"| {c['source']} | {c['claim']} | {_threshold_text(c)} | "
+                     f"{_MISSING if paper is None else f'{paper:+.2f}'} | " + " | ".join(cells) + " |")
+    n = "; ".join(f"`{s['profile']}`: {s['dataset'].get('test')} test images, AA and Table IV on {s['dataset'].get('aa')}, "
+                  f"audit on {s['dataset'].get('audit')}" for s in summaries)
+    return "\n".join(lines) + f"\n\nImages: {n}. Estimates are the claim's statistic in points (slopes: points per unit)."
+
+
+def _replace_block(text: str, begin: str, end: str, body: str, path: Path) -> str:
+    b, e = text.count(begin), text.count(end)
+    if b != 1 or e != 1 or text.index(begin) > text.index(end):
+        raise ValueError(f"{path} needs exactly one {begin!r} followed by one {end!r} (found {b} begin, {e} end)")
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.DOTALL)
+    return pattern.sub(lambda _: f"{begin}\n{body}\n{end}", text, count=1)
+
+
 def update_readme(readme_path: str | Path = "README.md", results_dir: str | Path = "results") -> bool:
-    """Replace the text between ``<!-- results:begin -->`` and ``<!-- results:end -->`` in the README with
-    `readme_results_table`; the markers stay. Returns True if the file changed. Missing or misordered
-    markers are an error (the README is never rewritten blindly)."""
+    """Replace the text between the README's ``<!-- results:begin/end -->`` markers with
+    `readme_results_table` and between ``<!-- claims:begin/end -->`` with `readme_claims_table`; the markers
+    stay. Returns True if the file changed. Missing or misordered markers are an error (the README is never
+    rewritten blindly)."""
     path = Path(readme_path)
     if not path.is_file():
         raise FileNotFoundError(f"no README at {path.resolve()}")
     text = path.read_text(encoding="utf-8")
-    b, e = text.count(README_BEGIN), text.count(README_END)
-    if b != 1 or e != 1 or text.index(README_BEGIN) > text.index(README_END):
-        raise ValueError(f"{path} needs exactly one {README_BEGIN!r} followed by one {README_END!r} "
-                         f"(found {b} begin, {e} end)")
-    pattern = re.compile(re.escape(README_BEGIN) + r".*?" + re.escape(README_END), re.DOTALL)
-    block = f"{README_BEGIN}\n{readme_results_table(results_dir)}\n{README_END}"
-    new = pattern.sub(lambda _: block, text, count=1)
+    new = _replace_block(text, README_BEGIN, README_END, readme_results_table(results_dir), path)
+    new = _replace_block(new, CLAIMS_BEGIN, CLAIMS_END, readme_claims_table(results_dir), path)
     if new != text:
         path.write_text(new, encoding="utf-8")
     return new != text

@@ -101,8 +101,9 @@ def test_autoattack_through_evaluate(net):
 
 
 def test_attack_names():
-    assert parse_attack("pgd20") == ("pgd", 20) and parse_attack("PGD7") == ("pgd", 7)
-    assert parse_attack("clean") == ("clean", 0) and parse_attack("aa") == ("aa", 0)
+    assert parse_attack("pgd20") == ("pgd", 20, 1) and parse_attack("PGD7") == ("pgd", 7, 1)
+    assert parse_attack("pgd50x3") == ("pgd", 50, 3) and parse_attack("cw20") == ("cw", 20, 1)
+    assert parse_attack("clean") == ("clean", 0, 1) and parse_attack("aa") == ("aa", 0, 1)
     for bad in ("pgd", "pgd0", "pgdx", "cw", "pgd-10", ""):
         with pytest.raises(ValueError, match="valid forms"):
             parse_attack(bad)

@@ -71,3 +71,84 @@ def test_cli_errors_are_clear(tmp_path, capsys, monkeypatch):
                  "--data-root", str(tmp_path / "empty")])
     err = capsys.readouterr().err
     assert code == 2 and "empty" in err and "Traceback" not in err
+
+
+# --- evidence: intervals, verdicts, one subset per table, the audit ------------------------------------
+def test_summary_carries_intervals_and_verdicts(smoke_summary):
+    _, s = smoke_summary
+    from afs.evidence import VERDICTS
+
+    for rec in [*s["extractors"].values(), *s["stacks"], s["ensemble"], *s["comparison"]["rows"]]:
+        for m, (lo, hi) in rec["ci95"].items():
+            assert lo <= rec[m] + 1e-6 and rec[m] - 1e-6 <= hi, (rec.get("key"), m)
+    ids = {c["id"] for c in s["claims"]}
+    assert {"I-clean-falls", "IV-tradeoff", "4a-no-robustness-lost", "IIC-merger-beats-logit-mean"} <= ids
+    for c in s["claims"]:
+        assert c["verdict"] in (*VERDICTS, "not run"), c
+    assert set(s["dataset"]["subset_sha"]) == {"test", "aa", "curve", "audit"}
+
+
+def test_table_iv_rows_are_on_one_subset(smoke_summary):
+    # Every column of a Table IV row, the trade-off's two terms included, on the AutoAttack images.
+    _, s = smoke_summary
+    from afs.evidence import unpack_bits
+
+    aa = s["samples"]["aa"]
+    assert aa["n"] == s["comparison"]["aa_images"] == s["dataset"]["aa"]
+    for row in s["comparison"]["rows"]:
+        flags = {m: unpack_bits(aa["rows"][row["key"]][m], aa["n"]) for m in ("clean", "pgd20", "aa")}
+        assert row["clean"] == pytest.approx(100 * flags["clean"].mean())
+        assert row["pgd"] == pytest.approx(100 * flags["pgd20"].mean())
+        assert row["aa"] == pytest.approx(100 * flags["aa"].mean())
+        assert row["tradeoff"] == pytest.approx((row["clean"] + row["aa"]) / 2)
+        assert not (flags["aa"] & ~flags["clean"]).any()  # AutoAttack-robust implies clean-correct
+        assert "clean_test" in row and "pgd_test" in row  # the full test subset, labelled, beside them
+
+
+def test_audit_runs_every_check(smoke_summary):
+    _, s = smoke_summary
+    a = s["audit"]
+    p = s["config"]["evaluation"]
+    assert a["images"] == s["dataset"]["audit"] == s["samples"]["audit"]["n"]
+    assert set(a["models"]) == {"stack", "member"}
+    for rec in a["models"].values():
+        assert {"clean", "pgd20", "strong", "cw20", *(f"eps{b}" for b in p["audit_budgets"])} <= set(rec)
+    members = s["config"]["merger"]["stack"]
+    assert set(a["transfer"]) == {f"#{b}" for b in members} | {"ensemble"}
+    checks = {c["id"]: c for c in a["checks"]}
+    assert {"audit-transfer", "audit-large-eps-stack", "audit-steps-member", "audit-margin-stack",
+            "audit-autoattack-flags"} <= set(checks)
+    assert all(c["verdict"] in ("holds", "fails", "inconclusive") for c in checks.values())
+    assert a["attacks"]["strong"] == f"pgd{p['audit_steps']}x{p['audit_restarts']}"
+
+
+def test_notebook_reports_failing_claims_and_still_runs_to_the_end(smoke_summary, real_data_root, monkeypatch, tmp_path):
+    """A summary in which every paper claim fails: the quickstart notebook prints the verdicts and ends."""
+    nbformat = pytest.importorskip("nbformat")
+    from nbclient import NotebookClient
+    from pathlib import Path
+
+    import sys as _sys
+    _sys.path.insert(0, str(Path(__file__).parent))
+    from synthetic import synthetic_summary
+
+    out, s = smoke_summary
+    failing = json.loads(json.dumps(s))
+    bad = synthetic_summary("smoke", invert=True)
+    failing["claims"] = [{**c, "verdict": "fails"} if c["verdict"] != "not run" else c for c in bad["claims"]]
+    failing["audit"]["checks"] = [{**c, "verdict": "fails"} for c in bad["audit"]["checks"]]
+    path = out / "smoke" / "summary.json"
+    original = path.read_text()
+    path.write_text(json.dumps(failing))
+    try:
+        monkeypatch.setenv("AFS_RUNS", str(out))
+        monkeypatch.setenv("AFS_PROFILE", "smoke")
+        monkeypatch.setenv("AFS_DATA", str(real_data_root))
+        monkeypatch.setenv("AFS_FIGURES", str(tmp_path))
+        book = Path(__file__).resolve().parents[1] / "notebooks" / "00_quickstart.ipynb"
+        nb = nbformat.read(book, as_version=4)
+        NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(book.parent)}}).execute()
+        text = "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+        assert "FAILS" in text  # the verdicts were printed, and no cell raised
+    finally:
+        path.write_text(original)

@@ -18,49 +18,17 @@ from afs import report
 PAPER_JSON = Path(__file__).resolve().parents[2] / "shared" / "paper" / "tables.json"
 
 
-# --- a synthetic summary in the schema of Pipeline.reproduce ------------------------------------------
+# --- a synthetic summary in the schema of Pipeline.reproduce (tests/synthetic.py) ------------------------
 def fake_summary(profile: str = "cpu", aa: bool = True) -> dict:
-    from afs.config import get_profile
+    from synthetic import synthetic_summary
 
-    p = get_profile(profile)
-    default = list(p.merger.stack)
-    ext = {str(b): {"clean": 80.0 - 2 * b, "pgd10": 3.0 * b, "pgd20": 2.5 * b, "best_epoch": 1}
-           for b in p.extractor.budgets}
-
-    def stack(members, alpha, mode, tags, with_aa=False):
-        n = len(members)
-        rec = {"name": f"{'-'.join(map(str, members))}_a{alpha:g}_{mode}", "members": members, "alpha": alpha,
-               "mode": mode, "clean": 70.0 + 5 * alpha, "pgd10": 30.0 - 5 * alpha, "pgd20": 29.0 - 5 * alpha,
-               "importance_ratio": [1.0 / n] * n, "tags": tags}
-        if with_aa:
-            rec.update(aa=25.0, aa_clean=71.0)
-        return rec
-
-    stacks = [stack(default, p.merger.alpha, "paired", ["default-paired"] + (["alpha-sweep"] if p.merger.alpha in p.experiments.alphas else []), True),
-              stack(default, p.merger.alpha, "split", ["default-split"], True)]
-    stacks += [stack(default, a, "paired", ["alpha-sweep"]) for a in p.experiments.alphas if a != p.merger.alpha]
-    stacks += [stack(list(p.stack_for_mask(m)), p.merger.alpha, "paired", [f"mask:{m}"]) for m in p.experiments.masks]
-    single = {"method": "PGD-AT (8/255)", "clean": 64.0, "pgd": 20.0, "aa": 18.0, "tradeoff": 41.0, "aa_subset_clean": 63.0}
-    afs = {"method": "AFS", "clean": 75.0, "pgd": 27.0, "aa": 25.0, "tradeoff": 50.0, "aa_subset_clean": 71.0}
-    if not aa:
-        for r in (single, afs):
-            r.pop("aa"), r.pop("tradeoff")
-    abl = [{"setting": s, "params_M": pm, "flops_G": 2 * g, "macs_G": g, "clean": c, "pgd20": r}
-           for s, pm, g, c, r in (("Baseline (8/255)", 0.078, 0.0125, 64.0, 20.0), ("Rand. pert. (2-8/255)", 0.078, 0.0125, 68.0, 17.0),
-                                  ("Large model (WRN-10-2, 8/255)", 0.304, 0.0445, 66.0, 20.5), ("AFS", 0.234, 0.0375, 75.0, 27.0))]
-    return {"version": 1, "profile": profile, "config": p.to_dict(),
-            "dataset": {"name": p.data.name, "train": 4000, "val": 400, "test": 500, "aa": 64, "curve": 200, "classes": [str(i) for i in range(10)]},
-            "provenance": {"git_sha": None}, "extractors": ext, "stacks": stacks,
-            "ensemble": {"members": default, "clean": 70.0, "pgd10": 20.0, "pgd20": 19.0},
-            "comparison": {"aa_images": 64, "rows": [single, afs]}, "ablation": abl,
-            "curves": {"budgets_255": [0, 8], "images": 200, "accuracy": {"AFS": [75.0, 27.0]}}}
+    return synthetic_summary(profile, aa=aa)
 
 
 def test_fake_summary_follows_the_pipeline_schema():
-    pipeline = pytest.importorskip("afs.pipeline")
-    if not hasattr(pipeline, "validate_summary"):
-        pytest.skip("afs.pipeline.validate_summary not available")
-    pipeline.validate_summary(fake_summary())
+    from afs.pipeline import validate_summary
+
+    validate_summary(fake_summary())
 
 
 # --- the paper's tables --------------------------------------------------------------------------------
@@ -135,13 +103,14 @@ def test_mask_role(mask, role):
 def test_table_builders_on_a_summary():
     s = fake_summary("cpu")
     t1 = report.extractor_table(s)
-    assert "#8 (8/255)" in t1 and "85.15" in t1 and "64.00" in t1 and "-21.15" in t1  # 64 - 85.15
+    c8 = s["extractors"]["8"]["clean"]
+    assert "#8 (8/255)" in t1 and "85.15" in t1 and f"{c8:.2f}" in t1 and f"{c8 - 85.15:+.2f}" in t1
     t2 = report.alpha_table(s)
     assert "alpha=0.5" in t2 and "alpha=0.2" in t2  # run-only row and paper-only row both shown
     t3 = report.mask_table(s)
     assert "ends (100000001)" in t3 and "mask 1001" in t3 and "mask 1111" in t3
     t4 = report.comparison_table(s)
-    assert "PGD-AT" in t4 and "AFS" in t4 and "AutoAttack on 64" in t4
+    assert "PGD-AT" in t4 and "AFS" in t4 and "64" in t4
     t6 = report.ablation_table(s)
     assert "GMAC" in t6 and "6.000" in t6  # paper AFS/baseline params ratio 218.82/36.47
     assert report.default_stack_record(s)["mode"] == "paired"
@@ -163,8 +132,13 @@ def test_readme_table_orders_profiles_and_handles_missing_aa(tmp_path):
     smoke_cells = [c.strip() for c in rows[0].split("|")[1:-1]]
     assert smoke_cells[4] == "—" and smoke_cells[7] == "—"  # no AA
     cpu_cells = [c.strip() for c in rows[1].split("|")[1:-1]]
-    assert cpu_cells[2:8] == ["64.00", "20.00", "18.00", "75.00", "27.00", "25.00"]
-    assert cpu_cells[8] == "41.00 → 50.00"
+    cpu = fake_summary("cpu")
+    one, afs = cpu["comparison"]["rows"]
+    # Every Table IV cell is the value on the AA images with its 95% interval.
+    lo, hi = one["ci95"]["clean"]
+    assert cpu_cells[2] == f"{one['clean']:.2f} ({lo:.1f}–{hi:.1f})"
+    assert cpu_cells[5].startswith(f"{afs['clean']:.2f} (") and cpu_cells[7].startswith(f"{afs['aa']:.2f} (")
+    assert cpu_cells[8].startswith(f"{one['tradeoff']:.2f} (") and f"→ {afs['tradeoff']:.2f} (" in cpu_cells[8]
     assert rows[2].split("|")[-2].strip() == "68.08 → 71.78"
 
 
@@ -177,11 +151,13 @@ def test_update_readme_replaces_between_markers_only(tmp_path):
     results = tmp_path / "results"
     _write(results, fake_summary("cpu"))
     readme = tmp_path / "README.md"
-    readme.write_text(f"# afs\nintro\n{report.README_BEGIN}\nold table\n{report.README_END}\ntail\n")
+    readme.write_text(f"# afs\nintro\n{report.README_BEGIN}\nold table\n{report.README_END}\nmid\n"
+                      f"{report.CLAIMS_BEGIN}\nold claims\n{report.CLAIMS_END}\ntail\n")
     assert report.update_readme(readme, results) is True
     text = readme.read_text()
-    assert text.startswith("# afs\nintro\n") and text.endswith(f"{report.README_END}\ntail\n")
-    assert "old table" not in text and "`cpu`" in text
+    assert text.startswith("# afs\nintro\n") and text.endswith(f"{report.CLAIMS_END}\ntail\n")
+    assert "old table" not in text and "old claims" not in text and "`cpu`" in text
+    assert "Table IV (III-D)" in text and "holds" in text  # the claims table, one row per claim
     assert report.update_readme(readme, results) is False  # idempotent
     assert readme.read_text() == text
 
@@ -256,14 +232,30 @@ def test_pipeline_uses_runs_root(monkeypatch, tmp_path):
 
 
 # --- claims, benchmark rows, cached summaries ----------------------------------------------------------
-def test_check_claims_asserts_only_when_enforced(capsys):
-    claims = [("one holds", True), ("two fails", False)]
-    assert report.check_claims(claims, enforce=False, context="smoke") == ["two fails"]
+def test_invariants_are_asserted_claims_only_printed(capsys):
+    with pytest.raises(AssertionError, match="two breaks"):
+        report.check_invariants([("one holds", True), ("two breaks", False)])
+    assert "[BROKEN] two breaks" in capsys.readouterr().out
+    # A summary in which every claim goes against the paper prints its verdicts and raises nothing.
+    from synthetic import synthetic_summary
+
+    bad = synthetic_summary("cpu", invert=True)
+    assert {c["verdict"] for c in bad["claims"]} <= {"fails", "inconclusive", "not run"}
+    assert any(c["verdict"] == "fails" for c in bad["claims"])
+    report.print_claims(bad)
+    report.print_claims(bad, "Table IV")
+    report.print_claims(bad, which="audit")
     out = capsys.readouterr().out
-    assert "not asserted" in out and "[holds] one holds" in out and "[FAILS] two fails" in out
-    with pytest.raises(AssertionError, match="two fails"):
-        report.check_claims(claims)
-    assert report.check_claims([("ok", True)]) == []
+    assert "FAILS" in out and "Table IV (III-D)" in out and "audit (a)" in out
+
+
+def test_claims_table_names_interval_threshold_and_verdict():
+    s = fake_summary("cpu")
+    text = report.claims_table(s, "Table IV")
+    rec = next(c for c in s["claims"] if c["id"] == "IV-clean")
+    assert f"[{rec['ci95'][0]:+.2f}, {rec['ci95'][1]:+.2f}]" in text and f"{rec['paper']:+.2f}" in text
+    assert "> 0" in text and rec["verdict"] in text and "Table I " not in text
+    assert "no claims" in report.claims_table(s, "Table IX")
 
 
 def test_bench_results_and_table(tmp_path):
@@ -318,7 +310,7 @@ def test_command_line_prints_or_updates(tmp_path, capsys):
     assert report.main(["--results", str(results)]) == 0
     assert "`cpu`" in capsys.readouterr().out
     readme = tmp_path / "README.md"
-    readme.write_text(f"x\n{report.README_BEGIN}\n{report.README_END}\n")
+    readme.write_text(f"x\n{report.README_BEGIN}\n{report.README_END}\n{report.CLAIMS_BEGIN}\n{report.CLAIMS_END}\n")
     assert report.main(["--readme", str(readme), "--results", str(results)]) == 0
     assert "updated" in capsys.readouterr().out and "`cpu`" in readme.read_text()
     assert report.main(["--readme", str(tmp_path / "nope.md"), "--results", str(results)]) == 2
