@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from afs.attacks import eval_mode, model_device
+from afs.attacks import eval_mode, model_device, on_model_device
 
 __all__ = [
     "features_of",
@@ -175,8 +175,7 @@ def input_gradient_maps(model: nn.Module, x: Tensor, y: Tensor, k: float = LOG_K
         raise TypeError(f"model must be an nn.Module returning logits, got {type(model).__name__}")
     if not (isinstance(k, (int, float)) and k > 0):
         raise ValueError(f"k must be a positive number, got {k!r}")
-    dev = model_device(model)
-    xu = _as_unit_images(x, "x").to(dev).detach().clone().requires_grad_(True)
+    xu = on_model_device(model, _as_unit_images(x, "x")).detach().clone().requires_grad_(True)
     if not isinstance(y, Tensor) or y.dim() != 1 or y.shape[0] != xu.shape[0] or y.is_floating_point():
         raise ValueError(f"y must be integer labels of shape ({xu.shape[0]},), got "
                          f"{tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__}")
@@ -184,7 +183,7 @@ def input_gradient_maps(model: nn.Module, x: Tensor, y: Tensor, k: float = LOG_K
         logits = model(xu)
         # Summed CE: each image's gradient is its own loss's gradient (the images do not interact in
         # eval mode), and the per-image normalisation below makes the scale irrelevant anyway.
-        loss = F.cross_entropy(logits.float(), y.to(dev), reduction="sum")
+        loss = F.cross_entropy(logits.float(), on_model_device(model, y), reduction="sum")
         (grad,) = torch.autograd.grad(loss, xu)
     g = grad.detach().abs().amax(dim=1).float().cpu()  # (N, H, W): strongest channel per pixel
     peak = g.flatten(1).amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny).view(-1, 1, 1)
@@ -308,14 +307,34 @@ def plot_gradient_grid(images: Tensor, maps: Mapping[str, Tensor], labels: Seque
     return fig
 
 
-def plot_curves(ax: Any, budgets_255: Sequence[float], curves: Mapping[str, Sequence[float]], title: str) -> None:
-    """Fig. 4a: PGD accuracy (%) against the test budget (in 1/255), one line per model; AFS drawn bold."""
-    for name, acc in curves.items():
+def _yerr(values: Sequence[float], intervals: Sequence[Sequence[float] | None] | None) -> list[list[float]] | None:
+    """matplotlib ``yerr`` (2 x n: below, above) from one 95% interval ``(lo, hi)`` per value (None: no bar)."""
+    if intervals is None:
+        return None
+    below = [0.0 if ci is None else max(0.0, v - ci[0]) for v, ci in zip(values, intervals)]
+    above = [0.0 if ci is None else max(0.0, ci[1] - v) for v, ci in zip(values, intervals)]
+    return [below, above]
+
+
+def plot_curves(ax: Any, budgets_255: Sequence[float], curves: Mapping[str, Sequence[float]], title: str, *,
+                intervals: Mapping[str, Sequence[Sequence[float]]] | None = None,
+                ylabel: str = "accuracy under PGD-10 (%)") -> None:
+    """Fig. 4a: PGD accuracy (%) against the test budget (in 1/255), one line per model; AFS drawn bold.
+    ``intervals`` (e.g. a summary's ``curves["ci95"]``): per model, one 95% interval ``[lo, hi]`` per budget,
+    drawn as error bars."""
+    span = (max(budgets_255) - min(budgets_255)) or 1.0
+    for i, (name, acc) in enumerate(curves.items()):
         bold = name.startswith("AFS")
-        ax.plot(budgets_255, acc, marker="o", ms=3, lw=2.5 if bold else 1.2, color="k" if bold else None,
-                label=name, zorder=3 if bold else 2)
+        (line,) = ax.plot(budgets_255, acc, marker="o", ms=3, lw=2.5 if bold else 1.2, color="k" if bold else None,
+                          label=name, zorder=3 if bold else 2)
+        ci = (intervals or {}).get(name)
+        if ci is not None:
+            # Each model's bars sit a hair to the side of the budget, so bars at one budget do not hide each other.
+            dx = (i - (len(curves) - 1) / 2) * 0.012 * span
+            ax.errorbar([b + dx for b in budgets_255], acc, yerr=_yerr(acc, ci), fmt="none", elinewidth=1,
+                        capsize=2, ecolor=line.get_color(), zorder=line.get_zorder())
     ax.set_xlabel("test perturbation budget eps (x/255, L-inf)")
-    ax.set_ylabel("accuracy under PGD-10 (%)")
+    ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -334,10 +353,13 @@ def plot_importance(ax: Any, members: Sequence[int], ratios: Mapping[str, Sequen
     ax.legend(fontsize=8)
 
 
-def plot_budget_sweep(ax: Any, budgets_255: Sequence[float], series: Mapping[str, Sequence[float]], title: str) -> None:
-    """Table I as a plot: accuracy (%) of single networks against their training budget, one line per metric."""
+def plot_budget_sweep(ax: Any, budgets_255: Sequence[float], series: Mapping[str, Sequence[float]], title: str, *,
+                      intervals: Mapping[str, Sequence[Sequence[float] | None]] | None = None) -> None:
+    """Table I as a plot: accuracy (%) of single networks against their training budget, one line per metric;
+    ``intervals``: per metric, one 95% interval ``(lo, hi)`` per budget, drawn as error bars."""
     for name, values in series.items():
-        ax.plot(budgets_255, values, marker="o", ms=4, label=name)
+        ax.errorbar(budgets_255, values, yerr=_yerr(values, (intervals or {}).get(name)), marker="o", ms=4,
+                    capsize=2, label=name)
     ax.set_xlabel("training budget eps_i (x/255, L-inf)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title(title, fontsize=10)
@@ -350,24 +372,38 @@ _MARKERS = ("o", "s", "^", "D", "v", "P", "X")
 
 def plot_accuracy_plane(ax: Any, groups: Mapping[str, Mapping[str, tuple[float, float]]], title: str, *,
                         xlabel: str = "robust accuracy, PGD-20 at 8/255 (%)", ylabel: str = "clean accuracy (%)",
-                        iso_tradeoff: bool = True) -> None:
+                        iso_tradeoff: bool = True,
+                        intervals: Mapping[str, Mapping[str, tuple[Any, Any]]] | None = None) -> None:
     """Accuracy against robustness (the plane of paper Fig. 1): ``groups`` maps a legend entry to
     ``{point label: (robust %, clean %)}``; each group gets one marker. Dashed grey lines join points of
-    equal mean(clean, robust), the paper's trade-off score, so "up and to the right" is visibly better."""
+    equal mean(clean, robust), the paper's trade-off score, so "up and to the right" is visibly better.
+    ``intervals``: ``{group: {point label: (robust (lo, hi), clean (lo, hi))}}``, 95% intervals drawn as
+    error bars in both directions (`afs.report.plane_points` builds both from summary records); a group or
+    point without one, or a None interval, gets no bar (the paper's own numbers have none)."""
     xs = [p[0] for g in groups.values() for p in g.values()]
     ys = [p[1] for g in groups.values() for p in g.values()]
+    # The view covers every point and both ends of every interval, with a 5-point margin.
+    cis = [c for g in (intervals or {}).values() for c in g.values()]
+    xs_view = xs + [v for c in cis if c[0] is not None for v in c[0]]
+    ys_view = ys + [v for c in cis if c[1] is not None for v in c[1]]
     if iso_tradeoff and xs:
-        means = [(x + y) / 2 for x, y in zip(xs, ys)]
-        t = np.array([min(xs) - 5, max(xs) + 5])
-        # One line every 5 points of trade-off, covering every point: y = 2c - x.
-        for c in np.arange(5 * math.floor(min(means) / 5) - 10, 5 * math.ceil(max(means) / 5) + 10.1, 5.0):
+        x0, x1, y0, y1 = min(xs_view) - 5, max(xs_view) + 5, min(ys_view) - 5, max(ys_view) + 5
+        t = np.array([x0, x1])
+        # One line every 5 points of trade-off, y = 2c - x, for every c whose line crosses the view.
+        for c in np.arange(5 * math.floor((x0 + y0) / 10), 5 * math.ceil((x1 + y1) / 10) + 0.1, 5.0):
             ax.plot(t, 2 * c - t, ls="--", lw=0.6, color="0.75", zorder=1)
-        ax.set_xlim(min(xs) - 5, max(xs) + 5)
-        ax.set_ylim(min(ys) - 5, max(ys) + 5)
+        ax.set_xlim(x0, x1)
+        ax.set_ylim(y0, y1)
     for k, (group, pts) in enumerate(groups.items()):
         gx = [p[0] for p in pts.values()]
         gy = [p[1] for p in pts.values()]
-        ax.scatter(gx, gy, marker=_MARKERS[k % len(_MARKERS)], s=40, label=group, zorder=3)
+        sc = ax.scatter(gx, gy, marker=_MARKERS[k % len(_MARKERS)], s=40, label=group, zorder=3)
+        ci = (intervals or {}).get(group)
+        if ci:
+            xci = [ci.get(name, (None, None))[0] for name in pts]
+            yci = [ci.get(name, (None, None))[1] for name in pts]
+            ax.errorbar(gx, gy, xerr=_yerr(gx, xci), yerr=_yerr(gy, yci), fmt="none", lw=0.8, capsize=2,
+                        ecolor=sc.get_facecolor()[0], zorder=2)
         for i, (name, (px, py)) in enumerate(pts.items()):
             # Labels alternate above/below their point, and every other group labels to the left, so that
             # neighbours in a cluster (the published methods of Fig. 1) overlap less.

@@ -59,6 +59,7 @@ __all__ = [
     "autoattack",
     "eval_mode",
     "model_device",
+    "on_model_device",
     "check_images",
     "check_labels",
 ]
@@ -149,6 +150,15 @@ def model_device(model: nn.Module) -> torch.device:
     for t in model.buffers():
         return t.device
     return torch.device("cpu")
+
+
+def on_model_device(model: nn.Module, *tensors: torch.Tensor) -> Any:
+    """``tensors`` moved to ``model``'s device: THE place where data meets a model (evaluation, analysis,
+    notebooks). One tensor in, one out; several in, a tuple out. Attacks themselves do not move data: a
+    mismatch there is the caller's bug and an error."""
+    dev = model_device(model)
+    moved = tuple(t.to(dev, non_blocking=True) for t in tensors)
+    return moved[0] if len(moved) == 1 else moved
 
 
 def _check_model(model: Any) -> nn.Module:

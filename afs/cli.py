@@ -111,7 +111,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=-1, help="per-cell timeout in seconds (default: none)")
     p.add_argument("--in-place", action="store_true", help="write outputs back into the notebooks themselves")
 
-    sub.add_parser("profiles", help="print the profiles as JSON", description="Print every profile's settings.")
+    p = sub.add_parser("profiles", help="print the profiles as JSON, or what one costs (--estimate)",
+                       description="Print every profile's settings; with --estimate, the predicted compute time of "
+                                   "each stage of one profile's 'afs reproduce' and the total (afs/cost.py).")
+    p.add_argument("--estimate", action="store_true", help="predict each stage's time from FLOP counts instead")
+    p.add_argument("--profile", default=None,
+                   help="with --estimate: the profile (default: $AFS_PROFILE, else quick with a GPU, cpu without)")
+    p.add_argument("--device-kind", choices=("cpu", "h200"), default=None,
+                   help="with --estimate: h200 (an assumed 100-180 TFLOP/s) or cpu (measured here, a few seconds); "
+                        "default h200 with a GPU, cpu without")
     return parser
 
 
@@ -128,7 +136,18 @@ def _run(args: argparse.Namespace) -> int:
     from afs.config import PROFILES, get_profile
 
     if args.command == "profiles":
-        print(json.dumps({k: v.to_dict() for k, v in PROFILES.items()}, indent=2))
+        if not args.estimate:
+            if args.profile is not None or args.device_kind is not None:
+                raise ValueError("--profile and --device-kind go with --estimate")
+            print(json.dumps({k: v.to_dict() for k, v in PROFILES.items()}, indent=2))
+            return 0
+        import torch
+
+        from afs import cost
+
+        profile = get_profile(args.profile)
+        kind = args.device_kind or ("h200" if torch.cuda.is_available() else "cpu")
+        print(cost.format_estimate(profile, cost.stages(profile), cost.throughput_for(kind, profile)))
         return 0
     if args.command == "notebooks":
         from afs.notebooks import run_notebooks
@@ -159,7 +178,9 @@ def _run(args: argparse.Namespace) -> int:
     if worker or ranks > 1:  # claims and process groups report through logging
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s afs[rank {os.environ.get('RANK', '0')}] %(message)s")
     # One GPU per process under torchrun (cuda:LOCAL_RANK); reproduce --worker ranks are independent workers.
-    device = args.device or (distributed.local_device() if distributed.launched_by_torchrun() else None)
+    # Every torchrun rank binds its own GPU first (set_device), whatever the command and --device say.
+    bound = distributed.bind_local_device() if distributed.launched_by_torchrun() else None
+    device = args.device or bound
     claims = None
     if worker:
         timeout = args.claim_timeout

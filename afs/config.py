@@ -168,8 +168,13 @@ class Profile:
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     experiments: ExperimentConfig = field(default_factory=ExperimentConfig)
     seed: int = 0
-    # "auto": bf16 autocast + channels_last on CUDA, exact fp32 elsewhere; "fp32": exact everywhere.
+    # One precision for training, validation and evaluation (afs.runs.resolve_precision): "auto" = bf16
+    # autocast on CUDA and fp32 elsewhere; "fp32" = fp32 everywhere (TF32 off: cuDNN would use it silently);
+    # "bf16" = bf16 autocast everywhere, the CPU included (AMX / AVX512-BF16 CPUs run it several times faster).
     precision: str = "auto"
+    # cuDNN/cuBLAS deterministic algorithms (slower). Off, a CUDA run repeats its data order and attack noise
+    # but not the last bits of its weight gradients; the CPU path is deterministic either way.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -250,8 +255,8 @@ def _validate(p: Profile) -> None:
     missing = sorted(set(p.merger.stack) - set(p.extractor.budgets))
     if missing:
         raise ValueError(f"stack budgets {missing} are not among the trained budgets {p.extractor.budgets}")
-    if p.precision not in ("auto", "fp32"):
-        raise ValueError(f"precision must be 'auto' or 'fp32', got {p.precision!r}")
+    if p.precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {p.precision!r}")
     for name, eps in (("merger.eps", p.merger.eps), ("evaluation.eps", p.evaluation.eps)):
         if not 0.0 <= eps <= 1.0:
             raise ValueError(f"{name} must lie in [0, 1] pixel units, got {eps}")
@@ -312,18 +317,29 @@ CPU = Profile(
     ),
 )
 
-# Full CIFAR-10 on one GPU in minutes: a fast network, few epochs, the paper's whole grid. Not yet sized
-# by measurement (no GPU run so far): by FLOP count (WRN-16-4 = 0.79 GFLOP/forward, 13x less than
-# WRN-28-10) one PGD-10 AT epoch is ~1.2 s at the 15.3 s WRN-28-10 bound; the first GPU session tunes
-# epochs/steps so `scripts/device_quick.sh` fits its 10-minute calls (it resumes across calls).
+# Full CIFAR-10 on one GPU in minutes, sized by the cost model (`afs profiles --estimate --profile quick
+# --device-kind h200`, afs/cost.py): ~46 PFLOP, 4.3-7.7 min of compute at an ASSUMED 100-180 TFLOP/s (not yet
+# measured). The grid is the smallest that still carries Tables I, II and IV: five budgets, alphas 0/0.5/1,
+# two Table III masks, AutoAttack on 500 images (paired intervals of a few points on Table IV). WRN-16-2
+# (0.20 GFLOP/forward, a 2.6 MiB checkpoint), not WRN-16-4: every finished network of the grid (26 MiB, the
+# Table VI WRN-16-4 included) then fits the device tool's 64 MiB of files back and carried in, so
+# `scripts/device_quick.sh` can resume in a second window; the FLOPs saved buy full data and 20 epochs.
 QUICK = Profile(
     name="quick",
-    data=DataConfig(name="cifar10-jpeg", train_size=None, val_size=1000, test_size=None),
-    model=ModelConfig(arch="wrn", depth=16, widen_factor=4),
-    extractor=ExtractorConfig(budgets=tuple(range(10)), epochs=10, batch_size=512, lr=0.2, lr_milestones=(8,)),
-    merger=MergerConfig(epochs=3, batch_size=500, lr=0.1, lr_milestones=(2,)),
-    evaluation=EvalConfig(aa_size=1000, batch_size=1000, audit_size=500, audit_restarts=2),
-    experiments=ExperimentConfig(wide_widen_factor=8),
+    data=DataConfig(name="cifar10-jpeg", train_size=None, val_size=1000, test_size=2000),
+    model=ModelConfig(arch="wrn", depth=16, widen_factor=2),
+    extractor=ExtractorConfig(
+        budgets=(0, 2, 4, 6, 8), epochs=20, batch_size=256, lr=0.2, lr_milestones=(15,), attack_steps=5,
+        val_attack_steps=5,
+    ),
+    merger=MergerConfig(stack=(4, 6, 8), epochs=3, batch_size=250, lr=0.1, lr_milestones=(2,), attack_steps=5),
+    evaluation=EvalConfig(aa_size=500, batch_size=1000, curve_budgets=(0, 2, 4, 8, 12, 16), curve_size=1000,
+                          audit_size=250, audit_steps=100, audit_restarts=2),
+    # Table VI's wider network: WRN-16-4 has the parameters (2.7M) and FLOPs of the 3-member stack and a bit more.
+    experiments=ExperimentConfig(
+        alphas=(0.0, 0.5, 1.0), masks=("10001", "11111"), random_budget_range=(2, 8), wide_widen_factor=4,
+        tsne_budgets=(0, 8), tsne_size=1000,
+    ),
 )
 
 PROFILES: dict[str, Profile] = {p.name: p for p in (SMOKE, CPU, QUICK, PAPER)}

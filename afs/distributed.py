@@ -58,6 +58,7 @@ __all__ = [
     "launched_by_torchrun",
     "env_world_size",
     "init_distributed",
+    "bind_local_device",
     "shutdown",
     "is_distributed",
     "rank",
@@ -200,6 +201,17 @@ def local_device() -> torch.device:
             raise ValueError(f"LOCAL_RANK={index} but only {torch.cuda.device_count()} CUDA device(s) are visible")
         return torch.device("cuda", index)
     return torch.device("cpu")
+
+
+def bind_local_device() -> torch.device:
+    """`local_device`, made the *current* CUDA device (``torch.cuda.set_device``) when there is one. Every
+    torchrun path calls it, process group or not (``reproduce --worker`` ranks are independent workers):
+    without it each rank's default device, and so its caching allocator and any launch that follows the
+    current device, is GPU 0."""
+    device = local_device()
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
 
 
 def _comm_device() -> torch.device:

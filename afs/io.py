@@ -107,6 +107,9 @@ def manifest(device: Any = None) -> dict[str, Any]:
         info["triton"] = triton.__version__
     except Exception:
         pass
+    # The numerics actually in force (afs.runs.configure_numerics sets them explicitly).
+    info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
+    info["deterministic"] = torch.are_deterministic_algorithms_enabled()
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda

@@ -27,7 +27,7 @@ from afs.attacks import PGD
 from afs.config import Profile
 from afs.data import DeviceLoader
 from afs.io import atomic_torch_save
-from afs.runs import RunDir, autocast_for, batch_seed, fit, iterate
+from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate
 from afs.stacking import StackedModel
 from afs.training import TrainData
 
@@ -100,6 +100,7 @@ def train_merger(
         return load_merger(stack, run.best).eval()
     run.start({"stage": "merger", "alpha": alpha, "mode": mode.value, "budgets": list(stack.budgets or ()),
                "feature_dims": list(stack.feature_dims), "profile": config.to_dict()}, device)
+    configure_numerics(config.precision, config.deterministic, device)
 
     seed = config.seed * 7919 + round(alpha * 1000) + (1 if mode is MergerMode.SPLIT else 0)
     torch.manual_seed(seed)

@@ -35,6 +35,7 @@ from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
 from afs.merger import MergerMode, train_merger
 from afs.models import build_model, count_flops, count_parameters
 from afs.stacking import LogitEnsemble, StackedModel
+from afs.runs import configure_numerics, for_precision
 from afs.training import TrainData, budget_name, train_extractor
 
 __all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "SUMMARY_VERSION"]
@@ -115,6 +116,8 @@ class Pipeline:
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
         self.progress = progress
+        # One precision policy (training, validation, evaluation) and explicit TF32/determinism flags.
+        self.numerics = configure_numerics(profile.precision, profile.deterministic, self.device)
         self._data: ProfileData | None = None
         self._models: dict[str, nn.Module] = {}
         self.timings: dict[str, float] = {}
@@ -202,7 +205,7 @@ class Pipeline:
         attacks = list(attacks)
         jpath, spath = where / f"eval_{subset}.json", where / f"eval_{subset}.pt"
         setting = {"eps": ev.eps, "step_size": ev.step_size, "seed": self.profile.seed, "aa_version": ev.aa_version,
-                   "images": _index_hash(self.data.subsets()[subset])}
+                   "images": _index_hash(self.data.subsets()[subset]), "precision": self.numerics["precision"]}
         done = read_json(jpath) if jpath.is_file() else {"setting": setting, "accuracy": {}}
         if done.get("setting") != setting:  # evaluated under other settings: start over
             done = {"setting": setting, "accuracy": {}}
@@ -213,7 +216,7 @@ class Pipeline:
             run_eval = sharded_evaluate if is_distributed() else evaluate
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", AutoAttackWarning)
-                res = run_eval(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
+                res = run_eval(self._as_evaluated(model), x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
                                batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
                                progress=self.progress,
                                aa_kwargs={"version": ev.aa_version, "state_path": where / f"aa_state_{subset}.json"})
@@ -231,6 +234,10 @@ class Pipeline:
                 atomic_write_json(jpath, done)
             barrier()
         return {a: done["accuracy"][a] for a in attacks}
+
+    def _as_evaluated(self, model: nn.Module) -> nn.Module:
+        """``model`` under the profile's precision (bf16 autocast where it resolves to bf16)."""
+        return for_precision(model, self.device, self.profile.precision)
 
     def samples(self, where: Path, subset: str = "test") -> dict[str, torch.Tensor]:
         """Per-sample correctness (bool [n] per attack) saved by `evaluate` in ``where/eval_<subset>.pt``."""
@@ -252,7 +259,7 @@ class Pipeline:
         ev = self.profile.evaluation
         path, spath = where / "eval_curve.json", where / "eval_curve.pt"
         key = {"budgets": list(ev.curve_budgets), "step_size": ev.step_size, "seed": self.profile.seed,
-               "images": _index_hash(self.data.curve_index)}
+               "images": _index_hash(self.data.curve_index), "precision": self.numerics["precision"]}
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == key:
             return read_json(path)["accuracy"]
         x, y = self._subset("curve")
@@ -260,7 +267,7 @@ class Pipeline:
         acc, flags = [], {}
         for b in ev.curve_budgets:
             name = "clean" if b == 0 else "pgd10"
-            res = evaluate(model, x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
+            res = evaluate(self._as_evaluated(model), x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
                            batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False)
             acc.append(res.accuracy[name])
             flags[f"eps{b}"] = res.correct[name]
@@ -354,7 +361,8 @@ class Pipeline:
         p, t_start = self.profile, time.time()
         default = tuple(p.merger.stack)
         summary: dict[str, Any] = {"version": SUMMARY_VERSION, "profile": p.name, "config": p.to_dict(),
-                                   "dataset": self.data.describe(), "provenance": manifest(self.device)}
+                                   "dataset": self.data.describe(),
+                                   "provenance": {**manifest(self.device), "numerics": self.numerics}}
         summary["extractors"] = self.run_extractors()
 
         # The default stack in both merger modes (AutoAttack on both), the alpha sweep, the stacking sets.
@@ -501,7 +509,8 @@ class Pipeline:
     def _audit_eps(self, model: nn.Module, where: Path, budget: int) -> float:
         """PGD-20 at ``budget``/255 (step eps/4) on the audit subset, cached as attack ``eps<budget>``."""
         path, spath = where / "eval_audit_eps.json", where / "eval_audit_eps.pt"
-        setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "steps": 20}
+        setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "steps": 20,
+                   "precision": self.numerics["precision"]}
         done = read_json(path) if path.is_file() else {}
         if done.get("setting") != setting or not spath.is_file():
             done = {"setting": setting, "accuracy": {}}
@@ -510,7 +519,8 @@ class Pipeline:
             x, y = self._subset("audit")
             eps = eps_from_budget(budget)
             t0 = time.time()
-            res = evaluate(model, x, y, ("pgd20",), eps=eps, step_size=eps / 4, batch_size=self.profile.evaluation.batch_size,
+            res = evaluate(self._as_evaluated(model), x, y, ("pgd20",), eps=eps, step_size=eps / 4,
+                           batch_size=self.profile.evaluation.batch_size,
                            seed=self.profile.seed, device=self.device, progress=False)
             self._time(f"audit {where.name} {name}", t0)
             flags = torch.load(spath, weights_only=True) if spath.is_file() else {}
@@ -526,15 +536,16 @@ class Pipeline:
         d = self.root / "audit" / "transfer"
         path, spath = d / f"eval_{name.strip('#')}.json", d / f"eval_{name.strip('#')}.pt"
         setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "eps": ev.eps,
-                   "step_size": ev.step_size, "target": self.key(self.stack_dir(self.profile.merger.stack,
+                   "step_size": ev.step_size, "precision": self.numerics["precision"], "target": self.key(self.stack_dir(self.profile.merger.stack,
                                                                                 self.profile.merger.alpha,
                                                                                 self.profile.merger.mode))}
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == setting:
             return read_json(path)["accuracy"]
         x, y = self._subset("audit")
         t0 = time.time()
-        res = evaluate(target, x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size, batch_size=ev.batch_size,
-                       seed=self.profile.seed, device=self.device, progress=False, craft_on=source)
+        res = evaluate(self._as_evaluated(target), x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size,
+                       batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False,
+                       craft_on=self._as_evaluated(source))
         self._time(f"audit transfer {name}", t0)
         atomic_torch_save({"pgd20": res.correct["pgd20"]}, spath)
         atomic_write_json(path, {"setting": setting, "accuracy": res.accuracy["pgd20"]})

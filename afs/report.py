@@ -415,7 +415,8 @@ def claims_table(summary: Mapping[str, Any], source: str | None = None, *, which
         return f"(no {which} from {source!r} in this summary)"
     n = {c.get("subset"): c.get("n") for c in claims if c.get("n") and _from_source(c, source)}
     note = ("estimate and paper value are the claim's statistic (a difference in points, or a slope); "
-            "95% CI: paired bootstrap over the same test images (" + ", ".join(f"{k}: {v} images" for k, v in n.items()) + ")")
+            "95% CI: paired bootstrap over the same test images"
+            + (" (" + ", ".join(f"{k}: {v} images" for k, v in n.items()) + ")" if n else ""))
     return format_table(["claim", "paper", "ours", "95% CI", "test", "verdict"], rows,
                         title=f"{'Paper claims' if which == 'claims' else 'Robustness audit'}"
                               f"{' (' + source + ')' if source else ''}: verdicts at this scale") + "\n" + note

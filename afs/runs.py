@@ -10,9 +10,11 @@ A run directory holds everything a result needs to be trusted and resumed::
     best.pt         the selected model (early stopping), an `afs.models` / merger checkpoint
     metrics.json    written last: its presence marks the stage complete
 
-Resume is exact: each epoch's data order and augmentation come from ``(seed, epoch)`` and each batch's
-attack noise from ``(seed, epoch, batch)``, so a run killed anywhere and resumed from ``state.pt`` ends
-with the same weights as an uninterrupted run of the same seed on the same device.
+Resume repeats the run: each epoch's data order and augmentation come from ``(seed, epoch)`` and each
+batch's attack noise from ``(seed, epoch, batch)``, so on the CPU a run killed anywhere and resumed from
+``state.pt`` ends with exactly the weights of an uninterrupted run (tested). On CUDA that holds bit for bit
+only with ``Profile.deterministic`` (`configure_numerics`); without it cuDNN's non-deterministic weight
+gradients make two runs, resumed or not, differ in the last bits.
 
 Under a process group (DDP, see `afs.distributed`) every rank runs the same loop, only rank 0 writes
 files, and every rank resumes from the same ``state.pt``; a barrier after the writes that other ranks read
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +37,9 @@ from torch import nn
 from afs import distributed
 from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
 
-__all__ = ["RunDir", "RunConfigMismatchError", "fit", "batch_seed", "autocast_for", "FitResult"]
+__all__ = ["RunDir", "RunConfigMismatchError", "fit", "batch_seed", "autocast_for", "FitResult", "PRECISIONS",
+           "resolve_precision", "AutocastModel", "for_precision", "configure_numerics", "cuda_rng_state",
+           "restore_cuda_rng"]
 
 
 class RunConfigMismatchError(RuntimeError):
@@ -120,11 +125,91 @@ def batch_seed(seed: int, epoch: int, batch: int) -> int:
     return (seed * 1_000_003 + epoch * 10_007 + batch) % (2**31 - 1)
 
 
+def _device_of(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator state of the one GPU this process trains on (None off CUDA). Only that device's:
+    saving every visible GPU's state (``get_rng_state_all``) made a resume on fewer GPUs fail, and under
+    torchrun each rank owns one GPU anyway."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_cuda_rng(state: Any, device: torch.device) -> None:
+    """Restore `cuda_rng_state` onto ``device``; accepts the older per-GPU list (takes this GPU's entry,
+    if it was saved). Off CUDA, or with no saved state, nothing happens."""
+    if state is None or device.type != "cuda":
+        return
+    if isinstance(state, (list, tuple)):  # runs written before the fix: one state per visible GPU
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index >= len(state):
+            return
+        state = state[index]
+    torch.cuda.set_rng_state(state, device)
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A profile's ``precision`` on ``device``: ``"auto"`` is bf16 on CUDA and fp32 elsewhere. One policy per
+    profile: training, validation (early stopping) and test evaluation all run under it, so the epoch kept
+    is selected on numbers of the same kind as those reported."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str) -> Any:
-    """bf16 autocast on CUDA under ``precision="auto"``; exact fp32 everywhere else."""
-    if precision == "auto" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+    """bf16 autocast where the profile's precision resolves to bf16 (`resolve_precision`); else exact fp32."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return nullcontext()
+
+
+class AutocastModel(nn.Module):
+    """``model`` run under bf16 autocast, logits returned in fp32: how evaluation (PGD, curves, audit,
+    AutoAttack, which only ever calls ``model(x)``) follows a bf16 profile. The wrapped model's parameters
+    and modes are its own (``eval_mode`` and ``model_device`` see through the wrapper)."""
+
+    def __init__(self, model: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.model, self.device_type = model, device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            return self.model(x).float()
+
+
+def for_precision(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """The model as evaluation must call it under the profile's precision (wrapped only for bf16)."""
+    return AutocastModel(model, device.type) if resolve_precision(precision, device) == "bf16" else model
+
+
+def configure_numerics(precision: str, deterministic: bool, device: torch.device) -> dict[str, Any]:
+    """Set the process-wide numerics a profile asks for, explicitly, and return them for provenance.
+
+    * TF32 off for matmuls and cuDNN convolutions: a number labelled fp32 is fp32 (cuDNN's default allows
+      TF32 convolutions, i.e. a 10-bit mantissa, without saying so); under bf16 autocast the convolutions
+      are bf16 anyway and the remaining fp32 ops stay exact.
+    * ``deterministic``: cuDNN's deterministic algorithms, no autotuning, ``use_deterministic_algorithms``
+      (and the cuBLAS workspace setting it needs). Without it, a CUDA run with the same seed gives the same
+      data order, augmentation and attack noise, but weight gradients may differ in the last bits (cuDNN's
+      non-deterministic reductions), so weights and accuracies differ slightly between runs; on the CPU the
+      same seed gives the same weights either way.
+    """
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
+    return {"precision": resolve_precision(precision, device), "tf32": False, "deterministic": bool(deterministic)}
 
 
 @dataclass
@@ -164,8 +249,7 @@ def fit(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_cpu"])
-        if torch.cuda.is_available() and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state_all(list(state["rng_cuda"]))
+        restore_cuda_rng(state.get("rng_cuda"), _device_of(model))
         start, best_epoch, best_score = state["epoch"] + 1, state["best_epoch"], state["best_score"]
         history = list(state["history"])
         run.truncate_log(state["epoch"])
@@ -201,7 +285,7 @@ def fit(
                 "best_score": best_score,
                 "history": history,
                 "rng_cpu": torch.get_rng_state(),
-                "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "rng_cuda": cuda_rng_state(_device_of(model)),
             },
             run.state,
         )

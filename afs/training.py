@@ -39,7 +39,7 @@ from afs.attacks import PGD
 from afs.config import ModelConfig, Profile
 from afs.data import DeviceLoader, ImageData
 from afs.models import build_model, load_model, save_checkpoint
-from afs.runs import RunDir, autocast_for, batch_seed, fit, iterate
+from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate
 
 __all__ = ["TrainData", "train_extractor", "budget_name", "accuracy"]
 
@@ -152,6 +152,7 @@ def train_extractor(
         return _ready(load_model(run.best, map_location=device), device)
 
     run.start({"stage": "extractor", "eps": eps, "model": model_config.__dict__, "profile": config.to_dict()}, device)
+    configure_numerics(config.precision, config.deterministic, device)
     seed = config.seed * 1000 + (round(eps[1] * 255) * 100 + round(eps[0] * 255) if isinstance(eps, tuple) else round(eps * 255))
     torch.manual_seed(seed)  # weight initialisation
     model = _ready(build_model(model_config, num_classes), device).train()

@@ -7,6 +7,7 @@ is not installed (then only the pure-PyTorch reference path exists).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from enum import Enum
 from typing import Any, Callable, Union
@@ -39,6 +40,13 @@ def triton_jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     if fn is None:
         return lambda f: triton_jit(f, **options)
     return triton.jit(fn, **options) if HAS_TRITON else fn
+
+
+def launch_device(device: torch.device) -> Any:
+    """The context a Triton launch must run in: ``torch.cuda.device(device)`` for a CUDA tensor's device, so
+    the kernel starts on the GPU holding the data and not on the *current* device (under torchrun, or with
+    tensors on ``cuda:1`` while ``cuda:0`` is current, the two differ); a no-op elsewhere (the interpreter)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def is_interpreted(kernel: Any) -> bool:

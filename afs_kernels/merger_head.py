@@ -45,7 +45,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ._common import TRITON_DTYPES, Backend, choose_backend, tl, triton, triton_jit
+from ._common import TRITON_DTYPES, Backend, choose_backend, launch_device, tl, triton, triton_jit
 
 __all__ = ["merger_head", "merger_head_reference", "fold_bn"]
 
@@ -221,12 +221,13 @@ def _launch_forward(
     col_off = blk_off = 0
     for f, scale, shift, (bc, bhw, bk), nb in zip(fmaps, scales, shifts, plan, n_blocks):
         c, h, w = f.shape[1:]
-        _merger_head_fwd_kernel[(batch, nb)](
-            f, scale, shift, weight, pooled, part,
-            c, h * w, w, *f.stride(), *weight.stride(), col_off, classes,
-            pooled.stride(0), part.stride(0), blk_off,
-            BLOCK_C=bc, BLOCK_HW=bhw, BLOCK_K=bk,
-        )  # fmt: skip
+        with launch_device(f.device):  # on the data's GPU, not the current one
+            _merger_head_fwd_kernel[(batch, nb)](
+                f, scale, shift, weight, pooled, part,
+                c, h * w, w, *f.stride(), *weight.stride(), col_off, classes,
+                pooled.stride(0), part.stride(0), blk_off,
+                BLOCK_C=bc, BLOCK_HW=bhw, BLOCK_K=bk,
+            )  # fmt: skip
         col_off += c
         blk_off += nb
     logits = part.sum(dim=1)  # (B, K): the rest of the linear layer's reduction over sum C_i
@@ -250,11 +251,12 @@ def _launch_backward_fmap(
     else:
         df = torch.empty(f.shape, device=f.device, dtype=f.dtype)
     bc, bhw, bk = _blocks(c, h * w, weight.shape[0])
-    _merger_head_bwd_kernel[(batch, triton.cdiv(c, bc))](
-        f, df, scale, shift, weight, grad,
-        c, h * w, w, *f.stride(), *df.stride(), *weight.stride(), col_off, weight.shape[0], grad.stride(0),
-        BLOCK_C=bc, BLOCK_HW=bhw, BLOCK_K=bk,
-    )  # fmt: skip
+    with launch_device(f.device):
+        _merger_head_bwd_kernel[(batch, triton.cdiv(c, bc))](
+            f, df, scale, shift, weight, grad,
+            c, h * w, w, *f.stride(), *df.stride(), *weight.stride(), col_off, weight.shape[0], grad.stride(0),
+            BLOCK_C=bc, BLOCK_HW=bhw, BLOCK_K=bk,
+        )  # fmt: skip
     return df
 
 

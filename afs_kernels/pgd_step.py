@@ -19,6 +19,7 @@ import torch
 
 from ._common import (
     NORM_FLOOR,
+    launch_device,
     TRITON_DTYPES,
     Backend,
     Budget,
@@ -167,19 +168,20 @@ def _launch_pgd_step(
     eps_stride = 1 if eps.dim() == 1 else 0
     step_stride = 1 if step.dim() == 1 else 0
     eps, step = eps.contiguous(), step.contiguous()
-    if norm is Norm.LINF:
-        grid = (triton.cdiv(n, _LINF_BLOCK),)
-        _pgd_linf_kernel[grid](
-            xa, g, x0, out_flat, eps, step, n, per_sample, eps_stride, step_stride,
-            CLAMP=clamp_box, BLOCK=_LINF_BLOCK,
-        )  # fmt: skip
-    else:
-        # A power of two between 16 and 1024: CIFAR's 3072 values per sample take three loop trips.
-        block = max(16, min(triton.next_power_of_2(per_sample), _L2_MAX_BLOCK))
-        _pgd_l2_kernel[(batch,)](
-            xa, g, x0, out_flat, eps, step, per_sample, eps_stride, step_stride, NORM_FLOOR,
-            CLAMP=clamp_box, BLOCK=block, num_warps=4,
-        )  # fmt: skip
+    with launch_device(x_adv.device):  # on the data's GPU, not the current one
+        if norm is Norm.LINF:
+            grid = (triton.cdiv(n, _LINF_BLOCK),)
+            _pgd_linf_kernel[grid](
+                xa, g, x0, out_flat, eps, step, n, per_sample, eps_stride, step_stride,
+                CLAMP=clamp_box, BLOCK=_LINF_BLOCK,
+            )  # fmt: skip
+        else:
+            # A power of two between 16 and 1024: CIFAR's 3072 values per sample take three loop trips.
+            block = max(16, min(triton.next_power_of_2(per_sample), _L2_MAX_BLOCK))
+            _pgd_l2_kernel[(batch,)](
+                xa, g, x0, out_flat, eps, step, per_sample, eps_stride, step_stride, NORM_FLOOR,
+                CLAMP=clamp_box, BLOCK=block, num_warps=4,
+            )  # fmt: skip
     return out
 
 

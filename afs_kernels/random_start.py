@@ -20,6 +20,7 @@ import torch
 
 from ._common import (
     NORM_FLOOR,
+    launch_device,
     TRITON_DTYPES,
     Backend,
     Budget,
@@ -128,16 +129,17 @@ def _launch_random_start(x_nat: torch.Tensor, eps: torch.Tensor, norm: Norm, see
     per_sample = n // batch
     eps_stride = 1 if eps.dim() == 1 else 0
     eps = eps.contiguous()
-    if norm is Norm.LINF:
-        grid = (triton.cdiv(n, _LINF_BLOCK),)
-        _random_start_linf_kernel[grid](x0, out_flat, eps, seed, n, per_sample, eps_stride, BLOCK=_LINF_BLOCK)
-    else:
-        # A power of two between 16 and 1024: CIFAR's 3072 values per sample take three loop trips.
-        block = max(16, min(triton.next_power_of_2(per_sample), _L2_MAX_BLOCK))
-        _random_start_l2_kernel[(batch,)](
-            x0, out_flat, eps, seed, n, per_sample, eps_stride, 1.0 / per_sample, NORM_FLOOR,
-            BLOCK=block, num_warps=4,
-        )  # fmt: skip
+    with launch_device(x_nat.device):  # on the data's GPU, not the current one
+        if norm is Norm.LINF:
+            grid = (triton.cdiv(n, _LINF_BLOCK),)
+            _random_start_linf_kernel[grid](x0, out_flat, eps, seed, n, per_sample, eps_stride, BLOCK=_LINF_BLOCK)
+        else:
+            # A power of two between 16 and 1024: CIFAR's 3072 values per sample take three loop trips.
+            block = max(16, min(triton.next_power_of_2(per_sample), _L2_MAX_BLOCK))
+            _random_start_l2_kernel[(batch,)](
+                x0, out_flat, eps, seed, n, per_sample, eps_stride, 1.0 / per_sample, NORM_FLOOR,
+                BLOCK=block, num_warps=4,
+            )  # fmt: skip
     return out
 
 

@@ -15,7 +15,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from afs_kernels import CompiledPGD, compiled_pgd_loop, pgd_loop, random_start
-from afs_kernels.attack_loop import sum_cross_entropy
+from afs_kernels.attack_loop import COMPILED_PIXEL_TOLERANCE, sum_cross_entropy
 
 N_CLASSES = 3
 
@@ -306,5 +306,5 @@ def test_inductor_compiled_matches_eager(model, data, fresh_dynamo):
     out = attack(x, y, start, 8 / 255, 2 / 255, 2)
     ref = pgd_loop(model, x, y, start, 8 / 255, 2 / 255, 2)
     # Inductor may reorder float ops: a pixel whose gradient is ~0 can flip its sign step.
-    assert (out - ref).abs().gt(1e-5).float().mean().item() < 0.02
+    assert (out - ref).abs().gt(1e-5).float().mean().item() < COMPILED_PIXEL_TOLERANCE
     assert bool((_linf(out, x) <= 8 / 255 + 1e-6).all())

@@ -353,7 +353,7 @@ def _grid_worker(out: str, go: str, report: str, epochs: int) -> None:
                     claims=D.ClaimSettings(heartbeat_s=0.1, stale_after_s=3.0, poll_s=0.1))
     x, y = _test_set(8)
     test = ImageData(x, y, tuple(f"c{i}" for i in range(4)), "rand", "test")
-    pipe._data = ProfileData(_data(), test, torch.arange(4), torch.arange(4))  # tiny in-memory data
+    pipe._data = ProfileData(_data(), test, torch.arange(4), torch.arange(4), torch.arange(4))  # tiny in-memory data
     Path(go + f".ready{os.getpid()}").touch()
     while not Path(go).exists():  # start together, so both race for the same first stage
         time.sleep(0.01)

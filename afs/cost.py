@@ -1,0 +1,273 @@
+"""What a profile's ``afs reproduce`` costs, stage by stage, predicted from FLOP counts (``afs profiles --estimate``).
+
+The unit is one *pass*: a forward of one image through a network (``afs.models.count_flops``). A forward
+and a backward together cost ``FWD_BWD`` = 3 passes: the input-gradient step of PGD and the SGD step of
+training alike (an attack skips the weight gradients, so 3 over-counts it a little; the CPU figure below
+is measured on PGD steps and so absorbs the difference). Each stage is a sum of `Work` items, images x
+passes x FLOPs per pass, read off the profile exactly as `afs.pipeline.Pipeline` runs it:
+
+* training: `Pipeline.grid` (every budget, Table VI's random-budget and wide extractors, every merger);
+  a PGD-K AT epoch is ``n_train x (K + 1)`` forward+backward passes plus a validation of clean + PGD-K;
+  a merger epoch over m members is m x that through the members (the merger itself is a few kFLOP);
+* evaluation, as `Pipeline.reproduce` / `run_curves` / `run_audit` call it (one item per cached attack):
+  PGD-K is ``3K + 1`` passes per image (the attack, the scoring forward), ``pgdKxR`` with R restarts
+  ``R x (3K + 1) + 1`` (each restart is ranked by a forward), AutoAttack is `AUTOATTACK_PASSES` (below).
+
+Not modelled: data loading and JPEG decoding, ``torch.compile``, Python and kernel-launch overhead (large
+for narrow networks at small batches), checkpoint I/O, the merger head. The estimate is a floor on compute
+at the stated throughput, not a wall-clock promise; the first GPU run replaces the h200 assumption.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from afs.config import ModelConfig, Profile, eps_from_budget
+from afs.evaluation import parse_attack
+from afs.merger import split_count
+from afs.models import build_model, count_flops
+
+__all__ = ["Work", "Stage", "Throughput", "H200", "attack_passes", "AUTOATTACK_PASSES", "stages",
+           "measure_cpu", "throughput_for", "format_estimate"]
+
+FWD_BWD = 3.0  # passes in one forward + backward (backward ~ 2 forwards)
+# CIFAR-10/100 (and the JPEG copy) split sizes: the estimate needs no data on disk.
+_TRAIN_IMAGES, _TEST_IMAGES = 50_000, 10_000
+
+# AutoAttack "standard" (L-inf), pyautoattack 0.2's preset: APGD-CE (100 iterations, 1 restart) on the
+# clean-correct images, then on the images still robust APGD-T (9 targets x 100 iterations), FAB-T
+# (9 targets x 100 iterations, each a forward+backward of one logit difference and a forward to check) and
+# Square (5000 queries, one forward each; a robust image uses them all). ASSUMPTION: the fraction of images
+# that reach each attack, typical of an 8/255 PGD-AT CIFAR-10 model (clean ~80%, robust after APGD-CE ~50%).
+AA_CLEAN_FRACTION, AA_ROBUST_FRACTION = 0.8, 0.5
+AUTOATTACK_PASSES: dict[str, float] = {
+    "clean": 1.0,
+    "APGD-CE": AA_CLEAN_FRACTION * 100 * FWD_BWD,
+    "APGD-T": AA_ROBUST_FRACTION * 9 * 100 * FWD_BWD,
+    "FAB-T": AA_ROBUST_FRACTION * 9 * 100 * (FWD_BWD + 1),
+    "Square": AA_ROBUST_FRACTION * 5000 * 1.0,
+}  # ~5,900 passes per image, ~100x a PGD-20 evaluation
+
+
+@dataclass(frozen=True)
+class Work:
+    """``images`` images, each through ``passes`` passes of a network of ``fwd_flops`` forward FLOPs."""
+
+    what: str  # e.g. "train PGD-5 + SGD", "pgd20"
+    images: int
+    passes: float
+    fwd_flops: float
+
+    @property
+    def flops(self) -> float:
+        return self.images * self.passes * self.fwd_flops
+
+
+@dataclass(frozen=True)
+class Stage:
+    group: str  # "extractor" | "merger" | "evaluation" | "autoattack" | "curves" | "audit"
+    name: str  # the run-directory key the stage writes (``extractors/eps8``), or what it is
+    work: tuple[Work, ...]
+
+    @property
+    def flops(self) -> float:
+        return sum(w.flops for w in self.work)
+
+
+@dataclass(frozen=True)
+class Throughput:
+    """Sustained FLOP/s of a device kind on this code, as a range, and where the numbers come from."""
+
+    kind: str
+    low: float
+    high: float
+    source: str
+
+
+# The one table of assumed throughputs (the cpu row is measured at call time, `measure_cpu`).
+H200 = Throughput("h200", 100e12, 180e12,
+                  "ASSUMPTION until measured: bf16 eager WRN on one H200 (13-23% of the 788 TFLOP/s matmul "
+                  "peak measured there); narrow nets at small batches reach less")
+DEVICE_KINDS = ("cpu", "h200")
+
+
+def attack_passes(name: str) -> float:
+    """Passes per image of one evaluation attack by its `afs.evaluation` name (``"pgd20"``, ``"pgd50x2"``,
+    ``"cw20"``, ``"clean"``, ``"fgsm"``, ``"aa"``), scoring forward included."""
+    kind, steps, restarts = parse_attack(name)
+    if kind == "clean":
+        return 1.0
+    if kind == "aa":
+        return sum(AUTOATTACK_PASSES.values())
+    steps = 1 if kind == "fgsm" else steps
+    # Each restart: K steps, then a forward to rank it (restarts > 1); then the scoring forward.
+    return restarts * FWD_BWD * steps + (restarts if restarts > 1 else 0) + 1.0
+
+
+def _eps(budget: int | tuple[int, int]) -> float | tuple[float, float]:
+    """A grid budget (1/255, or a random-budget range) in pixel units, as `Pipeline.extractor_dir` takes it."""
+    return (eps_from_budget(budget[0]), eps_from_budget(budget[1])) if isinstance(budget, tuple) else eps_from_budget(budget)
+
+
+def stages(profile: Profile) -> list[Stage]:
+    """Every stage `Pipeline.reproduce` runs for ``profile``, in its order of groups, with its work."""
+    from afs.pipeline import Pipeline  # torch-heavy; imported when an estimate is asked for
+
+    p, ev = profile, profile.evaluation
+    pipe = Pipeline(p, progress=False)  # no data and no files are touched: grid() and the paths only
+    classes = 100 if p.data.name == "cifar100" else 10
+    flops: dict[ModelConfig, float] = {}
+
+    def fwd(mc: ModelConfig | None = None) -> float:
+        mc = mc or p.model
+        if mc not in flops:
+            with torch.device("meta"):  # shapes only: counting WRN-28-30 this way takes no compute
+                flops[mc] = float(count_flops(build_model(mc, classes)))
+        return flops[mc]
+
+    n_val = p.data.val_size
+    n_train = p.data.train_size if p.data.train_size is not None else _TRAIN_IMAGES - n_val
+    n_test = min(p.data.test_size or _TEST_IMAGES, _TEST_IMAGES)
+    subset = {"test": n_test, **{k: min(n or n_test, n_test) for k, n in
+                                 (("aa", ev.aa_size), ("curve", ev.curve_size), ("audit", ev.audit_size))}}
+    out: list[Stage] = []
+
+    # Training (Table I's budgets, Table VI's ablations, every merger): the grid the workers share.
+    ec, mc = p.extractor, p.merger
+    extractors, mergers = pipe.grid()
+    for budget, model in extractors:
+        f = fwd(model)
+        used = n_train // ec.batch_size * ec.batch_size  # the loader drops the last partial batch
+        attacked = budget != 0  # budget 0 is standard training; a (lo, hi) range is attacked
+        k, kv = (ec.attack_steps, ec.val_attack_steps) if attacked else (0, 0)
+        out.append(Stage("extractor", pipe.key(pipe.extractor_dir(_eps(budget), model)), (
+            Work(f"train PGD-{k} + SGD", ec.epochs * used, FWD_BWD * (k + 1), f),
+            Work(f"val clean + PGD-{kv}", ec.epochs * n_val, 1 + (FWD_BWD * kv + 1 if attacked else 0), f))))
+    for members, alpha, mode in mergers:
+        f = fwd() * len(members)  # the merger head is negligible next to the members
+        used = n_train // mc.batch_size * mc.batch_size
+        k = mc.attack_steps
+        if mode == "paired":  # Eq. 5: a clean forward (alpha > 0) and PGD + a forward (alpha < 1), same images
+            per = (1.0 if alpha > 0 else 0.0) + ((FWD_BWD * k + 1) if alpha < 1 else 0.0)
+        else:  # the authors' split: only the last B - floor(alpha B) images of a batch are attacked
+            per = FWD_BWD * k * (1 - split_count(alpha, mc.batch_size) / mc.batch_size) + 1
+        out.append(Stage("merger", pipe.key(pipe.stack_dir(members, alpha, mode)), (
+            Work(f"train PGD-{k} on the stack", mc.epochs * used, per, f),
+            Work(f"val clean + PGD-{k}", mc.epochs * n_val, FWD_BWD * k + 2, f))))
+
+    def evaluation(group: str, key: str, where: str, attacks: Sequence[str], f: float) -> Stage:
+        return Stage(group, f"{key} [{where}]", tuple(Work(a, subset[where], attack_passes(a), f) for a in attacks))
+
+    # Tables I-III and VI, and the logit ensemble: clean / PGD-10 / PGD-20 on the test subset.
+    table = ("clean", "pgd10", "pgd20")  # as Pipeline.run_extractors / stack_record / reproduce
+    default = tuple(mc.stack)
+    b8 = pipe.robust_budget()
+    member = {b: pipe.key(pipe.extractor_dir(eps_from_budget(b))) for b in ec.budgets}
+    default_stacks = [pipe.key(pipe.stack_dir(default, mc.alpha, m)) for m in ("paired", "split")]
+    the_stack = pipe.key(pipe.stack_dir(default, mc.alpha, mc.mode))  # what the curves and the audit attack
+    stack_f = fwd() * len(default)
+    for b in ec.budgets:
+        out.append(evaluation("evaluation", member[b], "test", table, fwd()))
+    for members, alpha, mode in mergers:
+        out.append(evaluation("evaluation", pipe.key(pipe.stack_dir(members, alpha, mode)), "test", table,
+                              fwd() * len(members)))
+    out.append(evaluation("evaluation", pipe.key(pipe.ensemble_dir(default)), "test", table, stack_f))
+    for budget, model in extractors:  # Table VI's random-budget and wide networks (Pipeline.run_ablation)
+        if isinstance(budget, tuple) or model is not None:
+            out.append(evaluation("evaluation", pipe.key(pipe.extractor_dir(_eps(budget), model)), "test",
+                                  ("clean", "pgd20"), fwd(model)))
+
+    # Table IV: the default stack in both modes and the 8/255 network, every column on the AutoAttack subset.
+    for key in default_stacks:
+        out.append(evaluation("autoattack", key, "aa", ("clean", "pgd20", "aa"), stack_f))
+    out.append(evaluation("autoattack", member[b8], "aa", ("clean", "pgd20", "aa"), fwd()))
+
+    # Fig. 4a: PGD-10 at each curve budget (clean at 0) for the default stack and each of its members.
+    curve = tuple("clean" if b == 0 else "pgd10" for b in ev.curve_budgets)
+    for key, f in [(the_stack, stack_f), *((member[b], fwd()) for b in default)]:
+        out.append(Stage("curves", f"{key} [curve]", tuple(Work(f"{a} @ {b}/255", subset["curve"], attack_passes(a), f)
+                                                          for a, b in zip(curve, ev.curve_budgets))))
+
+    # The robustness audit: stack and member under its attacks and the eps sweep, then transfer onto the stack.
+    audit = [(a, a) for a in ("clean", *pipe.audit_attacks().values())]
+    audit += [(f"pgd20 @ {b}/255", "pgd20") for b in ev.audit_budgets]  # the eps sweep (Pipeline._audit_eps)
+    for key, f in ((the_stack, stack_f), (member[b8], fwd())):
+        out.append(Stage("audit", f"{key} [audit]", tuple(Work(label, subset["audit"], attack_passes(a), f)
+                                                          for label, a in audit)))
+    for name, f in [*((f"#{b}", fwd()) for b in default), ("ensemble", stack_f)]:
+        # PGD-20 crafted on the source, one scoring forward of the stack.
+        out.append(Stage("audit", f"audit/transfer/{name.strip('#')} [audit]", (
+            Work(f"pgd20 on {name}", subset["audit"], FWD_BWD * 20, f), Work("score on the stack", subset["audit"], 1, stack_f))))
+    return out
+
+
+def measure_cpu(profile: Profile, target_s: float = 2.0) -> Throughput:
+    """Time PGD steps of ``profile``'s network here, as the pipeline runs them (channels_last, the profile's
+    precision, eval mode), and return the sustained FLOP/s at ``FWD_BWD`` passes a step. About
+    ``target_s`` seconds after a one-step warm-up; the batch shrinks with the network's size."""
+    from afs.attacks import PGD
+    from afs.runs import autocast_for
+
+    device = torch.device("cpu")
+    model = build_model(profile.model, 10).to(memory_format=torch.channels_last).eval()
+    f = float(count_flops(model))
+    batch = int(min(64, max(2, 2e10 // f)))  # ~20 GFLOP a batch forward: under a second a step
+    x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    y = torch.zeros(batch, dtype=torch.long)
+    with autocast_for(device, profile.precision):
+        t0 = time.perf_counter()
+        PGD(model, eps=8 / 255, alpha=2 / 255, steps=1).perturb(x, y, seed=0)  # warm-up (oneDNN primitives)
+        warm = time.perf_counter() - t0
+        steps = max(1, min(10, round(target_s / max(warm, 1e-3))))
+        t0 = time.perf_counter()
+        PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps).perturb(x, y, seed=0)
+        took = time.perf_counter() - t0
+    rate = batch * steps * FWD_BWD * f / took
+    return Throughput("cpu", rate, rate, f"measured now: {steps} PGD steps of WRN-{profile.model.depth}-"
+                      f"{profile.model.widen_factor} at batch {batch}, {torch.get_num_threads()} threads, "
+                      f"{took:.1f} s (one batch size: larger batches may run faster)")
+
+
+def throughput_for(kind: str, profile: Profile) -> Throughput:
+    if kind == "h200":
+        return H200
+    if kind == "cpu":
+        return measure_cpu(profile)
+    raise ValueError(f"unknown device kind {kind!r}; valid: {list(DEVICE_KINDS)}")
+
+
+def _span(flops: float, t: Throughput) -> str:
+    """The time at the high and the low throughput: '12-22 s', '4.1-7.4 min', '3.2 h' (one value if equal)."""
+    fast, slow = flops / t.high, flops / t.low
+    unit, div = ("h", 3600.0) if slow >= 7200 else ("min", 60.0) if slow >= 120 else ("s", 1.0)
+    a, b = fast / div, slow / div
+    fmt = (lambda v: f"{v:.1f}") if unit != "s" or b < 10 else (lambda v: f"{v:.0f}")
+    return f"{fmt(a)} {unit}" if fmt(a) == fmt(b) else f"{fmt(a)}-{fmt(b)} {unit}"
+
+
+def format_estimate(profile: Profile, found: list[Stage], t: Throughput) -> str:
+    """The estimate as a table: one line per stage, a subtotal per group, the total."""
+    lines = [f"afs reproduce --profile {profile.name} on {t.kind}: {t.low / 1e12:.3g}"
+             + (f"-{t.high / 1e12:.3g}" if t.high != t.low else "") + f" TFLOP/s ({t.source})",
+             f"{'stage':<58} {'images x passes':>16} {'TFLOP':>9}  time"]
+    titles = {"extractor": "train extractors (Table I, Table VI ablations)", "merger": "train mergers (Tables II-III)",
+              "evaluation": "clean / PGD-10 / PGD-20 (Tables I-III, VI, ensemble)", "autoattack": "AutoAttack (Table IV)",
+              "curves": "accuracy vs eps (Fig. 4a)", "audit": "robustness audit"}
+    for group, title in titles.items():
+        mine = [s for s in found if s.group == group]
+        if not mine:
+            continue
+        lines.append(title)
+        for s in mine:
+            ip = sum(w.images * w.passes for w in s.work)
+            lines.append(f"  {s.name:<56} {ip:>16.3g} {s.flops / 1e12:>9.1f}  {_span(s.flops, t)}")
+        sub = sum(s.flops for s in mine)
+        lines.append(f"  {'subtotal (' + str(len(mine)) + ' stages)':<56} {'':>16} {sub / 1e12:>9.1f}  {_span(sub, t)}")
+    total = sum(s.flops for s in found)
+    lines.append(f"{'total':<58} {'':>16} {total / 1e12:>9.1f}  {_span(total, t)}")
+    lines.append("compute only at that rate: data decoding, compiles, launch overhead and I/O come on top (afs/cost.py)")
+    return "\n".join(lines)
