@@ -14,6 +14,18 @@ from pathlib import Path
 __all__ = ["run_notebooks"]
 
 
+PATH_VARS = ("AFS_DATA", "AFS_CACHE", "AFS_RUNS", "AFS_FIGURES")
+
+
+def absolute_path_vars() -> None:
+    """Make the path variables absolute. Kernels run with notebooks/ as their working directory, so a
+    relative path given on the command line (`AFS_DATA=../shared/data make run`, as README says) must be
+    resolved where the command was typed, not where the kernel starts."""
+    for var in PATH_VARS:
+        if os.environ.get(var):
+            os.environ[var] = str(Path(os.environ[var]).expanduser().resolve())
+
+
 def run_notebooks(folder: str | Path, out: str | Path, profile: str, *, timeout: int = -1, in_place: bool = False) -> list[Path]:
     import nbformat
     from nbclient import NotebookClient
@@ -24,6 +36,7 @@ def run_notebooks(folder: str | Path, out: str | Path, profile: str, *, timeout:
         raise FileNotFoundError(f"no notebooks named NN_*.ipynb in {folder.resolve()}")
     out.mkdir(parents=True, exist_ok=True)
     os.environ["AFS_PROFILE"] = profile  # the kernels inherit it; each parameters cell reads it
+    absolute_path_vars()
     os.environ.setdefault("AFS_FIGURES", str((out / "figures").resolve()))
     written = []
     for nb_path in books:

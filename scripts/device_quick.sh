@@ -21,8 +21,8 @@
 # recorded in every manifest: the device copy has no .git), PY (python3), AFS_DATA (.device/data),
 # RUNS (the run directory, default runs), RESUME_FROM (.device/resume).
 # CPU rehearsal (same entry point, smoke profile), a second call resuming from the first's archive:
-#   OUT=/tmp/out1 PROFILE=smoke AFS_DATA=/work/shared/data PY=.venv/bin/python RUNS=/tmp/r1 BUDGET_S=60 bash scripts/device_quick.sh
-#   OUT=/tmp/out2 PROFILE=smoke AFS_DATA=/work/shared/data PY=.venv/bin/python RUNS=/tmp/r2 RESUME_FROM=/tmp/out1/resume bash scripts/device_quick.sh
+#   OUT=/tmp/out1 PROFILE=smoke AFS_DATA=../shared/data PY=.venv/bin/python RUNS=/tmp/r1 BUDGET_S=60 bash scripts/device_quick.sh
+#   OUT=/tmp/out2 PROFILE=smoke AFS_DATA=../shared/data PY=.venv/bin/python RUNS=/tmp/r2 RESUME_FROM=/tmp/out1/resume bash scripts/device_quick.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 START=$(date +%s)

@@ -315,3 +315,16 @@ def test_command_line_prints_or_updates(tmp_path, capsys):
     assert "updated" in capsys.readouterr().out and "`cpu`" in readme.read_text()
     assert report.main(["--readme", str(tmp_path / "nope.md"), "--results", str(results)]) == 2
     assert "no README" in capsys.readouterr().err
+
+
+def test_notebook_runner_resolves_relative_paths_where_the_command_was_typed(monkeypatch, tmp_path):
+    from afs.notebooks import absolute_path_vars
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("AFS_DATA", "../shared/data")
+    monkeypatch.delenv("AFS_RUNS", raising=False)
+    absolute_path_vars()
+    import os
+
+    assert os.environ["AFS_DATA"] == str((tmp_path / ".." / "shared" / "data").resolve())
+    assert "AFS_RUNS" not in os.environ
