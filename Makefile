@@ -7,6 +7,14 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 # Where the notebooks' executed copies and figures go.
 OUT    ?= out
+# Notebook kernels start in notebooks/: a relative data or cache path (`AFS_DATA=../shared/data make test`)
+# is made absolute here, where it was typed.
+ifdef AFS_DATA
+export AFS_DATA := $(abspath $(AFS_DATA))
+endif
+ifdef AFS_CACHE
+export AFS_CACHE := $(abspath $(AFS_CACHE))
+endif
 
 .PHONY: setup test test-fast run clean
 
