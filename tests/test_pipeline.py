@@ -152,3 +152,12 @@ def test_notebook_reports_failing_claims_and_still_runs_to_the_end(smoke_summary
         assert "FAILS" in text  # the verdicts were printed, and no cell raised
     finally:
         path.write_text(original)
+
+
+def test_validation_rejects_an_interval_that_misses_its_value(smoke_summary):
+    _, s = smoke_summary
+    broken = json.loads(json.dumps(s))
+    rec = broken["extractors"]["8"]
+    rec["ci95"]["clean"] = [rec["clean"] + 5, rec["clean"] + 10]
+    with pytest.raises(ValueError, match="does not hold"):
+        validate_summary(broken)
