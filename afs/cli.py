@@ -25,7 +25,11 @@ def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
     if out:
         p.add_argument("--out", default="runs", help="run directory root; results go to OUT/<profile>/ (default: runs)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--seed", type=int, default=None,
+                   help="another seed than the profile's (weights, data order, attack starts); its runs go to "
+                        "OUT/<profile>-seed<N>/ so they never mix with the profile's own")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars (they are shown only when stderr is a terminal; stage lines stay)")
 
 
 def _scale_out(p: argparse.ArgumentParser, worker: bool = True, ddp: bool = True) -> None:
@@ -110,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", default="notebooks", help="folder holding the notebooks (default: notebooks)")
     p.add_argument("--timeout", type=int, default=-1, help="per-cell timeout in seconds (default: none)")
     p.add_argument("--in-place", action="store_true", help="write outputs back into the notebooks themselves")
+    p.add_argument("--no-prepare", action="store_true",
+                   help="skip the first step, which trains and evaluates every stage here in the terminal (stage "
+                        "lines and an ETA on stderr); notebook 00 then trains what is missing inside its kernel, unseen")
 
     p = sub.add_parser("profiles", help="print the profiles as JSON, or what one costs (--estimate)",
                        description="Print every profile's settings; with --estimate, the predicted compute time of "
@@ -153,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         from afs.notebooks import run_notebooks
 
         run_notebooks(args.notebooks, args.out, get_profile(args.profile).name, timeout=args.timeout,
-                      in_place=args.in_place)
+                      in_place=args.in_place, prepare=not args.no_prepare)
         return 0
 
     from afs import distributed
@@ -168,6 +175,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError("under torchrun 'afs reproduce' needs --worker (each rank then works on its own GPU, sharing "
                          "the stages); for data-parallel training of one stage use 'train-extractor'")
     profile = get_profile(args.profile)
+    if getattr(args, "seed", None) is not None:
+        if args.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {args.seed}")
+        profile = profile.replace(seed=args.seed)
     if getattr(args, "scale_batch", False) and ranks > 1:
         scaled = distributed.scale_profile(profile, ranks)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -189,7 +200,10 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if ranks > 1 and args.command in ("train-extractor", "evaluate"):
             distributed.init_distributed(timeout_s=args.dist_timeout)
-        pipe = Pipeline(profile, args.out, args.data_root, device, progress=not args.no_progress,
+        from afs.progress import bars_enabled
+
+        # tqdm bars on a terminal only: redrawn with carriage returns they would flood a CI log.
+        pipe = Pipeline(profile, args.out, args.data_root, device, progress=not args.no_progress and bars_enabled(),
                         share_dir=worker, claims=claims)
         return _command(args, profile, pipe, worker)
     finally:
@@ -218,7 +232,10 @@ def _command(args: argparse.Namespace, profile: Any, pipe: Any, worker: bool) ->
                 say("another worker holds the summary claim and writes summary.json")
                 return 0
         else:
-            summary = pipe.reproduce()
+            from afs import progress
+
+            with progress.reporting(progress.for_pipeline(pipe)):  # numbered stage lines and an ETA on stderr
+                summary = pipe.reproduce()
         say(f"wrote {pipe.root / 'summary.json'} ({summary['timings']['total_this_call_s']} s)")
     elif args.command == "train-extractor":
         from afs.config import ModelConfig

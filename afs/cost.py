@@ -95,14 +95,16 @@ H200 = Throughput("h200", 100e12, 180e12,
 DEVICE_KINDS = ("cpu", "h200")
 
 
-def attack_passes(name: str) -> float:
+def attack_passes(name: str, aa_attacks: Sequence[str] = ()) -> float:
     """Passes per image of one evaluation attack by its `afs.evaluation` name (``"pgd20"``, ``"pgd50x2"``,
-    ``"cw20"``, ``"clean"``, ``"fgsm"``, ``"aa"``), scoring forward included."""
+    ``"cw20"``, ``"clean"``, ``"fgsm"``, ``"aa"``), scoring forward included. ``aa_attacks``: the attacks of a
+    "custom" AutoAttack (``("apgd-ce", "apgd-t")``); empty: the standard version's four."""
     kind, steps, restarts = parse_attack(name)
     if kind == "clean":
         return 1.0
     if kind == "aa":
-        return sum(AUTOATTACK_PASSES.values())
+        chosen = {a.upper() for a in aa_attacks} | {"CLEAN"}
+        return sum(v for k, v in AUTOATTACK_PASSES.items() if not aa_attacks or k.upper() in chosen)
     steps = 1 if kind == "fgsm" else steps
     # Each restart: K steps, then a forward to rank it (restarts > 1); then the scoring forward.
     return restarts * FWD_BWD * steps + (restarts if restarts > 1 else 0) + 1.0
@@ -157,10 +159,12 @@ def stages(profile: Profile) -> list[Stage]:
             per = FWD_BWD * k * (1 - split_count(alpha, mc.batch_size) / mc.batch_size) + 1
         out.append(Stage("merger", pipe.key(pipe.stack_dir(members, alpha, mode)), (
             Work(f"train PGD-{k} on the stack", mc.epochs * used, per, f),
-            Work(f"val clean + PGD-{k}", mc.epochs * n_val, FWD_BWD * k + 2, f))))
+            # alpha = 1 selects on clean accuracy alone (afs.merger): no validation attack
+            Work(f"val clean + PGD-{k}", mc.epochs * n_val, FWD_BWD * k + 2 if alpha < 1 else 1, f))))
 
     def evaluation(group: str, key: str, where: str, attacks: Sequence[str], f: float) -> Stage:
-        return Stage(group, f"{key} [{where}]", tuple(Work(a, subset[where], attack_passes(a), f) for a in attacks))
+        return Stage(group, f"{key} [{where}]", tuple(Work(a, subset[where], attack_passes(a, ev.aa_attacks), f)
+                                                      for a in attacks))
 
     # Tables I-III and VI, and the logit ensemble: clean / PGD-10 / PGD-20 on the test subset.
     table = ("clean", "pgd10", "pgd20")  # as Pipeline.run_extractors / stack_record / reproduce
@@ -182,7 +186,7 @@ def stages(profile: Profile) -> list[Stage]:
                                   ("clean", "pgd20"), fwd(model)))
 
     # Table IV: the default stack in both modes and the 8/255 network, every column on the AutoAttack subset.
-    for key in default_stacks:
+    for key in default_stacks if ev.aa_both_modes else [the_stack]:
         out.append(evaluation("autoattack", key, "aa", ("clean", "pgd20", "aa"), stack_f))
     out.append(evaluation("autoattack", member[b8], "aa", ("clean", "pgd20", "aa"), fwd()))
 
@@ -195,6 +199,7 @@ def stages(profile: Profile) -> list[Stage]:
     # The robustness audit: stack and member under its attacks and the eps sweep, then transfer onto the stack.
     audit = [(a, a) for a in ("clean", *pipe.audit_attacks().values())]
     audit += [(f"pgd20 @ {b}/255", "pgd20") for b in ev.audit_budgets]  # the eps sweep (Pipeline._audit_eps)
+    audit += [("pgd20_fp32", "pgd20")]  # crafted in fp32 (slower than this where bf16 is native)
     for key, f in ((the_stack, stack_f), (member[b8], fwd())):
         out.append(Stage("audit", f"{key} [audit]", tuple(Work(label, subset["audit"], attack_passes(a), f)
                                                           for label, a in audit)))
@@ -210,7 +215,7 @@ def measure_cpu(profile: Profile, target_s: float = 2.0) -> Throughput:
     precision, eval mode), and return the sustained FLOP/s at ``FWD_BWD`` passes a step. About
     ``target_s`` seconds after a one-step warm-up; the batch shrinks with the network's size."""
     from afs.attacks import PGD
-    from afs.runs import autocast_for
+    from afs.runs import autocast_for, resolve_precision
 
     device = torch.device("cpu")
     model = build_model(profile.model, 10).to(memory_format=torch.channels_last).eval()
@@ -227,8 +232,9 @@ def measure_cpu(profile: Profile, target_s: float = 2.0) -> Throughput:
         PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps).perturb(x, y, seed=0)
         took = time.perf_counter() - t0
     rate = batch * steps * FWD_BWD * f / took
-    return Throughput("cpu", rate, rate, f"measured now: {steps} PGD steps of WRN-{profile.model.depth}-"
-                      f"{profile.model.widen_factor} at batch {batch}, {torch.get_num_threads()} threads, "
+    m = profile.model
+    return Throughput("cpu", rate, rate, f"measured now: {steps} PGD steps of {m.arch}-{m.depth}-{m.widen_factor} "
+                      f"({resolve_precision(profile.precision, device)}) at batch {batch}, {torch.get_num_threads()} threads, "
                       f"{took:.1f} s (one batch size: larger batches may run faster)")
 
 

@@ -17,6 +17,7 @@ Table/figure map: Table I `extractors`, Table II `alpha_sweep`, Table III `masks
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import warnings
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import torch
 from torch import nn
 
+from afs import progress
 from afs.attacks import AutoAttackWarning
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
@@ -35,7 +37,7 @@ from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
 from afs.merger import MergerMode, train_merger
 from afs.models import build_model, count_flops, count_parameters
 from afs.stacking import LogitEnsemble, StackedModel
-from afs.runs import configure_numerics, for_precision
+from afs.runs import configure_numerics
 from afs.training import TrainData, budget_name, train_extractor
 
 __all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "SUMMARY_VERSION"]
@@ -111,7 +113,7 @@ class Pipeline:
         self.claims = claims or ClaimSettings()
         self.stages: dict[str, str] = {}  # shared mode: stage -> "trained" (by this worker) | "done"
         self.profile = profile
-        self.root = Path(out) / profile.name
+        self.root = Path(out) / run_name(profile)
         self.data_root = data_root
         self.device = torch.device(device) if device is not None else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
@@ -146,7 +148,7 @@ class Pipeline:
         d = self.extractor_dir(eps, model_config)
         key = str(d)
         if key not in self._models:
-            t0 = time.time()
+            t0 = progress.begin("train", self.key(d))  # the terminal's stage lines (afs reproduce)
             model = self._claimed(d, lambda: train_extractor(self.profile, self.data.train, eps, run_dir=d, device=self.device,
                                                              model_config=model_config, progress=self.progress), wait)
             if model is None:  # another live worker holds it (only when not waiting)
@@ -183,7 +185,7 @@ class Pipeline:
         if key not in self._models:
             members = [self.extractor(b) for b in budgets]
             stack = StackedModel(members, len(self.data.test.classes), budgets=tuple(budgets)).to(self.device)
-            t0 = time.time()
+            t0 = progress.begin("train", self.key(d))
             merged = self._claimed(d, lambda: train_merger(stack, self.profile, self.data.train, alpha, mode, run_dir=d,
                                                            device=self.device, progress=self.progress), wait)
             if merged is None:  # another live worker holds it (only when not waiting)
@@ -205,6 +207,7 @@ class Pipeline:
         attacks = list(attacks)
         jpath, spath = where / f"eval_{subset}.json", where / f"eval_{subset}.pt"
         setting = {"eps": ev.eps, "step_size": ev.step_size, "seed": self.profile.seed, "aa_version": ev.aa_version,
+                   "aa_attacks": list(ev.aa_attacks),
                    "images": _index_hash(self.data.subsets()[subset]), "precision": self.numerics["precision"]}
         done = read_json(jpath) if jpath.is_file() else {"setting": setting, "accuracy": {}}
         if done.get("setting") != setting:  # evaluated under other settings: start over
@@ -212,14 +215,15 @@ class Pipeline:
         missing = [a for a in attacks if a not in done["accuracy"]]
         if missing:
             x, y = self._subset(subset)
-            t0 = time.time()
+            t0 = progress.begin("eval", f"{self.key(where)} [{subset}]", missing)
             run_eval = sharded_evaluate if is_distributed() else evaluate
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", AutoAttackWarning)
-                res = run_eval(self._as_evaluated(model), x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
+                res = run_eval(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
                                batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
-                               progress=self.progress,
-                               aa_kwargs={"version": ev.aa_version, "state_path": where / f"aa_state_{subset}.json"})
+                               progress=self.progress, craft_precision=self.craft_precision,
+                               aa_kwargs={"version": ev.aa_version, "attacks": list(ev.aa_attacks) or None,
+                                          "state_path": where / f"aa_state_{subset}.json"})
             for w in caught:  # AutoAttack's own checks (checks.py): kept for the audit, and shown as usual
                 if issubclass(w.category, AutoAttackWarning):
                     done.setdefault("aa_flags", []).append(str(w.message))
@@ -235,9 +239,11 @@ class Pipeline:
             barrier()
         return {a: done["accuracy"][a] for a in attacks}
 
-    def _as_evaluated(self, model: nn.Module) -> nn.Module:
-        """``model`` under the profile's precision (bf16 autocast where it resolves to bf16)."""
-        return for_precision(model, self.device, self.profile.precision)
+    @property
+    def craft_precision(self) -> str:
+        """The profile's precision as evaluation applies it: attacks crafted under it, accuracies scored in
+        fp32 (`afs.evaluation.evaluate`)."""
+        return self.numerics["precision"]
 
     def samples(self, where: Path, subset: str = "test") -> dict[str, torch.Tensor]:
         """Per-sample correctness (bool [n] per attack) saved by `evaluate` in ``where/eval_<subset>.pt``."""
@@ -263,12 +269,13 @@ class Pipeline:
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == key:
             return read_json(path)["accuracy"]
         x, y = self._subset("curve")
-        t0 = time.time()
+        t0 = progress.begin("eval", f"{self.key(where)} [curve]")
         acc, flags = [], {}
         for b in ev.curve_budgets:
             name = "clean" if b == 0 else "pgd10"
-            res = evaluate(self._as_evaluated(model), x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
-                           batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False)
+            res = evaluate(model, x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
+                           batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False,
+                           craft_precision=self.craft_precision)
             acc.append(res.accuracy[name])
             flags[f"eps{b}"] = res.correct[name]
         self._time(f"curve {where.name}", t0)
@@ -278,6 +285,7 @@ class Pipeline:
 
     def _time(self, what: str, t0: float) -> None:
         self.timings[what] = round(time.time() - t0, 1)
+        progress.end()
 
     # --- the experiments --------------------------------------------------------------------------
     def key(self, d: Path) -> str:
@@ -299,7 +307,7 @@ class Pipeline:
         d = self.stack_dir(budgets, alpha, mode)
         rec: dict[str, Any] = {"name": d.name, "key": self.key(d), "members": list(budgets), "alpha": alpha,
                                "mode": mode, **self.evaluate(stack, d, ("clean", "pgd10", "pgd20")),
-                               "importance_ratio": stack.importance_ratio().tolist()}
+                               "importance_ratio": stack.importance_ratio().tolist(), "training": merger_training(d)}
         if aa:
             # Table IV's rows: clean, PGD-20 and AutoAttack all on the AutoAttack subset (one set of images).
             on_aa = self.evaluate(stack, d, ("clean", "pgd20", "aa"), subset="aa")
@@ -375,7 +383,7 @@ class Pipeline:
             stacks[name]["tags"].append(tag)
 
         for mode in ("paired", "split"):
-            add(default, p.merger.alpha, mode, f"default-{mode}", aa=True)
+            add(default, p.merger.alpha, mode, f"default-{mode}", aa=mode == p.merger.mode or p.evaluation.aa_both_modes)
         for a in p.experiments.alphas:
             add(default, a, "paired", "alpha-sweep")
         for mask in p.experiments.masks:
@@ -399,6 +407,7 @@ class Pipeline:
         e8 = summary["extractors"][str(b8)]
         summary["comparison"] = {
             "aa_images": len(self.data.aa_index),
+            "aa_attacks": list(p.evaluation.aa_attacks) or p.evaluation.aa_version,  # what "AA" ran
             "subset": "aa",
             "rows": [
                 {"method": f"PGD-AT ({b8}/255)", "key": e8["key"], "clean": aa_single["clean"], "pgd": aa_single["pgd20"],
@@ -482,7 +491,8 @@ class Pipeline:
         (b) PGD-20 at growing eps up to 64/255 (step eps/4): accuracy must fall to about 0;
         (c) PGD with more steps and restarts against PGD-20;
         (d) PGD-20 on the CW margin loss against PGD-20 on cross-entropy;
-        (e) AutoAttack's own flags, from the Table IV runs.
+        (e) AutoAttack's own flags, from the Table IV runs;
+        (f) PGD-20 crafted in fp32 against the reported PGD-20 (crafted under the profile's precision).
         Results are cached per model in ``<stage>/eval_audit.{json,pt}`` (transfer in ``audit/``)."""
         ev, p = self.profile.evaluation, self.profile
         b8 = self.robust_budget()
@@ -496,6 +506,9 @@ class Pipeline:
             rec = {"key": self.key(d), **{role: acc[name] for role, name in roles.items()}, "clean": acc["clean"]}
             for b in ev.audit_budgets:
                 rec[f"eps{b}"] = self._audit_eps(model, d, b)
+            # (f) the reported PGD-20 is crafted under the profile's precision (bf16 where the hardware has it)
+            # and scored in fp32; the same attack crafted in fp32 must not be stronger.
+            rec["pgd20_fp32"] = self._audit_pgd20(model, d, "pgd20_fp32", ev.eps, ev.step_size, "fp32")
             out["models"][who] = rec
         # (a) transfer onto the stack, from each member and from the mean-of-logits ensemble.
         stack = models["stack"][0]
@@ -508,20 +521,25 @@ class Pipeline:
 
     def _audit_eps(self, model: nn.Module, where: Path, budget: int) -> float:
         """PGD-20 at ``budget``/255 (step eps/4) on the audit subset, cached as attack ``eps<budget>``."""
+        eps = eps_from_budget(budget)
+        return self._audit_pgd20(model, where, f"eps{budget}", eps, eps / 4, self.craft_precision)
+
+    def _audit_pgd20(self, model: nn.Module, where: Path, name: str, eps: float, step_size: float,
+                     precision: str) -> float:
+        """PGD-20 on the audit subset, crafted under ``precision``, cached as attack ``name`` in
+        ``eval_audit_eps.{json,pt}``."""
         path, spath = where / "eval_audit_eps.json", where / "eval_audit_eps.pt"
         setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "steps": 20,
                    "precision": self.numerics["precision"]}
         done = read_json(path) if path.is_file() else {}
         if done.get("setting") != setting or not spath.is_file():
             done = {"setting": setting, "accuracy": {}}
-        name = f"eps{budget}"
         if name not in done["accuracy"]:
             x, y = self._subset("audit")
-            eps = eps_from_budget(budget)
-            t0 = time.time()
-            res = evaluate(self._as_evaluated(model), x, y, ("pgd20",), eps=eps, step_size=eps / 4,
-                           batch_size=self.profile.evaluation.batch_size,
-                           seed=self.profile.seed, device=self.device, progress=False)
+            t0 = progress.begin("eval", f"{self.key(where)} [audit]", [name])
+            res = evaluate(model, x, y, ("pgd20",), eps=eps, step_size=step_size,
+                           batch_size=self.profile.evaluation.batch_size, seed=self.profile.seed, device=self.device,
+                           progress=False, craft_precision=precision)
             self._time(f"audit {where.name} {name}", t0)
             flags = torch.load(spath, weights_only=True) if spath.is_file() else {}
             flags[name] = res.correct["pgd20"]
@@ -542,10 +560,10 @@ class Pipeline:
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == setting:
             return read_json(path)["accuracy"]
         x, y = self._subset("audit")
-        t0 = time.time()
-        res = evaluate(self._as_evaluated(target), x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size,
+        t0 = progress.begin("eval", f"audit/transfer/{name.strip('#')} [audit]")
+        res = evaluate(target, x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size,
                        batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False,
-                       craft_on=self._as_evaluated(source))
+                       craft_on=source, craft_precision=self.craft_precision)
         self._time(f"audit transfer {name}", t0)
         atomic_torch_save({"pgd20": res.correct["pgd20"]}, spath)
         atomic_write_json(path, {"setting": setting, "accuracy": res.accuracy["pgd20"]})
@@ -597,6 +615,24 @@ class Pipeline:
             put("audit", f"transfer:{name}", self.samples(self.root / "audit" / "transfer", name.strip("#")))
         return out
 
+def merger_training(d: Path) -> dict[str, Any]:
+    """A merger's training curve from its run folder: the epoch kept, and per epoch the learning rate, the
+    mean training loss (and its trace over tenths of the epoch) and the validation accuracies."""
+    lines = (d / "log.jsonl").read_text().splitlines() if (d / "log.jsonl").is_file() else []
+    keep = ("epoch", "lr", "train_loss", "train_loss_trace", "val_clean", "val_pgd")
+    epochs = [{k: e[k] for k in keep if k in e} for e in map(json.loads, filter(None, lines))]
+    return {"best_epoch": read_json(d / "metrics.json")["best_epoch"], "epochs": epochs}
+
+
+def run_name(profile: Profile) -> str:
+    """The folder of a profile's runs under ``out``: its name, plus ``-seed<N>`` when the seed is not the
+    named profile's own (a second seed never reuses the first seed's stages)."""
+    from afs.config import PROFILES
+
+    own = PROFILES.get(profile.name)
+    return profile.name if own is None or own.seed == profile.seed else f"{profile.name}-seed{profile.seed}"
+
+
 def default_summary_path(profile: str, out: str | Path = "runs") -> Path:
     return Path(out) / profile / "summary.json"
 
@@ -640,7 +676,9 @@ def validate_summary(summary: dict[str, Any]) -> None:
         if "aa" in s:
             need(pct(s["aa"]), f"stacks[{i}].aa must be a percentage")
     defaults = [s for s in summary["stacks"] if any(t.startswith("default-") for t in s["tags"])]
-    need(len(defaults) == 2 and all("aa" in s for s in defaults), "the default stack needs both modes with AutoAttack")
+    mode, both = summary["config"]["merger"]["mode"], summary["config"]["evaluation"].get("aa_both_modes", True)
+    need(len(defaults) == 2 and all("aa" in s for s in defaults if both or f"default-{mode}" in s["tags"]),
+         "the default stack needs both merger modes, with AutoAttack on the profile's mode (on both: aa_both_modes)")
     for row in summary["comparison"]["rows"]:
         need(all(pct(row.get(k)) for k in ("clean", "pgd", "aa", "tradeoff")), f"comparison row {row.get('method')}")
     need(len(summary["ablation"]) == 4, "ablation needs 4 rows (Table VI)")

@@ -35,10 +35,11 @@ import torch
 from torch import nn
 
 from afs import distributed
+from afs import progress as stage_progress  # the terminal's epoch lines (afs reproduce)
 from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
 
-__all__ = ["RunDir", "RunConfigMismatchError", "fit", "batch_seed", "autocast_for", "FitResult", "PRECISIONS",
-           "resolve_precision", "AutocastModel", "for_precision", "configure_numerics", "cuda_rng_state",
+__all__ = ["RunDir", "RunConfigMismatchError", "fit", "batch_seed", "autocast_for", "FitResult", "PRECISIONS", "lr_schedule",
+           "resolve_precision", "AutocastModel", "cpu_bf16_support", "configure_numerics", "cuda_rng_state",
            "restore_cuda_rng"]
 
 
@@ -153,14 +154,25 @@ def restore_cuda_rng(state: Any, device: torch.device) -> None:
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def cpu_bf16_support() -> dict[str, bool]:
+    """What this CPU offers bf16 matrix arithmetic with: AVX512-BF16 instructions and AMX tiles (oneDNN
+    uses either for bf16 convolutions and matmuls; without them bf16 autocast is emulated and slower)."""
+    cpu = getattr(torch, "cpu", None)
+    probe = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+    return {k: bool(getattr(cpu, fn, lambda: False)()) for k, fn in probe.items()}
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """A profile's ``precision`` on ``device``: ``"auto"`` is bf16 on CUDA and fp32 elsewhere. One policy per
-    profile: training, validation (early stopping) and test evaluation all run under it, so the epoch kept
-    is selected on numbers of the same kind as those reported."""
+    """A profile's ``precision`` on ``device``. ``"auto"`` is bf16 autocast on CUDA and on a CPU with native
+    bf16 arithmetic (`cpu_bf16_support`: AVX512-BF16 or AMX), and fp32 elsewhere. Training and validation
+    (early stopping) run under it; test evaluation *crafts* its attacks under it and scores every reported
+    accuracy with an fp32 forward (`afs.evaluation.evaluate`, ``craft_precision``)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        if device.type == "cuda":
+            return "bf16"
+        return "bf16" if device.type == "cpu" and any(cpu_bf16_support().values()) else "fp32"
     return precision
 
 
@@ -172,8 +184,8 @@ def autocast_for(device: torch.device, precision: str) -> Any:
 
 
 class AutocastModel(nn.Module):
-    """``model`` run under bf16 autocast, logits returned in fp32: how evaluation (PGD, curves, audit,
-    AutoAttack, which only ever calls ``model(x)``) follows a bf16 profile. The wrapped model's parameters
+    """``model`` run under bf16 autocast, logits returned in fp32: what evaluation crafts its attacks on
+    under a bf16 profile (PGD, curves, audit, AutoAttack only ever call ``model(x)``). The wrapped model's parameters
     and modes are its own (``eval_mode`` and ``model_device`` see through the wrapper)."""
 
     def __init__(self, model: nn.Module, device_type: str) -> None:
@@ -183,11 +195,6 @@ class AutocastModel(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
             return self.model(x).float()
-
-
-def for_precision(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
-    """The model as evaluation must call it under the profile's precision (wrapped only for bf16)."""
-    return AutocastModel(model, device.type) if resolve_precision(precision, device) == "bf16" else model
 
 
 def configure_numerics(precision: str, deterministic: bool, device: torch.device) -> dict[str, Any]:
@@ -209,7 +216,29 @@ def configure_numerics(precision: str, deterministic: bool, device: torch.device
         torch.backends.cudnn.deterministic = True
         torch.backends.cudnn.benchmark = False
         torch.use_deterministic_algorithms(True)
-    return {"precision": resolve_precision(precision, device), "tf32": False, "deterministic": bool(deterministic)}
+    out = {"precision": resolve_precision(precision, device), "requested": precision, "tf32": False,
+           "deterministic": bool(deterministic)}
+    if device.type == "cpu":
+        out["cpu_bf16"] = cpu_bf16_support()  # why "auto" chose what it chose on this CPU
+    return out
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, kind: str, *, epochs: int, batches_per_epoch: int,
+                milestones: Iterable[int] = (), gamma: float = 0.1) -> tuple[Any, bool]:
+    """The learning-rate schedule a config names, and whether it is stepped per batch (else per epoch).
+
+    ``"step"``: ``MultiStepLR`` at epoch ``milestones`` (the paper's). ``"onecycle"``: torch's ``OneCycleLR``,
+    linear warm-up from lr/25 to the optimiser's lr over the first quarter of all batches, then linear decay
+    to ~0, momentum left alone; it reaches a given accuracy in far fewer epochs than a step schedule.
+    """
+    if kind == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(milestones), gamma=gamma), False
+    if kind == "onecycle":
+        peak = optimizer.param_groups[0]["lr"]
+        return torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=peak, total_steps=epochs * batches_per_epoch,
+                                                   pct_start=0.25, anneal_strategy="linear",
+                                                   cycle_momentum=False), True
+    raise ValueError(f"unknown lr schedule {kind!r}; valid: ['step', 'onecycle']")
 
 
 @dataclass
@@ -231,6 +260,7 @@ def fit(
     score: Callable[[dict[str, float]], float] | None,
     save_best: Callable[[Path], None],
     stop_after: int | None = None,
+    per_batch_schedule: bool = False,
 ) -> FitResult:
     """Run ``epochs`` epochs with checkpoint/resume and best-by-``score`` selection.
 
@@ -239,6 +269,8 @@ def fit(
     early stopping: train the whole schedule, keep the best epoch; never select on the test set).
     ``score=None`` keeps the last epoch instead (early stopping off).
     ``stop_after`` ends the call after that many epochs *of this call* (used to test kill-and-resume).
+    ``per_batch_schedule``: ``train_epoch`` steps ``scheduler`` after every batch itself (`lr_schedule`);
+    it is then not stepped here, only saved and restored with the rest.
     Under a process group ``train_epoch``/``validate`` must return metrics already reduced over ranks
     (the same on every rank), so that every rank selects the same best epoch.
     """
@@ -259,7 +291,8 @@ def fit(
             break
         lr = optimizer.param_groups[0]["lr"]  # the rate this epoch trained with
         train_metrics = train_epoch(epoch)
-        scheduler.step()
+        if not per_batch_schedule:
+            scheduler.step()
         val = validate(epoch)
         record = {"epoch": epoch, "lr": lr, **train_metrics,
                   **{f"val_{k}": v for k, v in val.items()}}
@@ -271,6 +304,7 @@ def fit(
         record["best_epoch"] = best_epoch
         history.append(record)
         run.log(record)
+        stage_progress.epoch(epoch + 1, epochs, val)
         done_here += 1
         if not run.main:
             continue

@@ -36,10 +36,10 @@ from torch import Tensor, nn
 
 from afs import distributed
 from afs.attacks import PGD
-from afs.config import ModelConfig, Profile
+from afs.config import ExtractorConfig, ModelConfig, Profile
 from afs.data import DeviceLoader, ImageData
 from afs.models import build_model, load_model, save_checkpoint
-from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate
+from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate, lr_schedule
 
 __all__ = ["TrainData", "train_extractor", "budget_name", "accuracy"]
 
@@ -167,16 +167,18 @@ def train_extractor(
             print(f"{budget_name(eps)}: data-parallel over {world} ranks, global batch {ec.batch_size} "
                   f"({per_rank} per rank), lr {ec.lr:g}, synchronised batch norm", file=sys.stderr, flush=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=ec.lr, momentum=ec.momentum, weight_decay=ec.weight_decay)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, list(ec.lr_milestones), gamma=ec.lr_gamma)
     # drop_last: every rank runs the same number of steps (DDP needs it); rank r gets rows r::w of each batch.
     loader = DeviceLoader(data.train.images, data.train.labels, per_rank, shuffle=True,
                           augment=config.data.augment, drop_last=True, seed=seed, device=device,
                           rank=rank, world_size=world)
+    scheduler, per_batch = lr_schedule(optimizer, ec.lr_schedule, epochs=ec.epochs, batches_per_epoch=len(loader),
+                                       milestones=ec.lr_milestones, gamma=ec.lr_gamma)
     eps_max = eps[1] if isinstance(eps, tuple) else eps
+    step_size = attack_step(ec, eps_max)
     # The attack runs per rank on the unwrapped network (no DDP hooks, no gradient sync during PGD).
-    attack = (distributed.GlobalBatchPGD(model, eps=eps_max, alpha=ec.attack_step_size, steps=ec.attack_steps,
+    attack = (distributed.GlobalBatchPGD(model, eps=eps_max, alpha=step_size, steps=ec.attack_steps,
                                          rank=rank, world_size=world)
-              if ddp else PGD(model, eps=eps_max, alpha=ec.attack_step_size, steps=ec.attack_steps))
+              if ddp else PGD(model, eps=eps_max, alpha=step_size, steps=ec.attack_steps))
 
     def train_epoch(epoch: int) -> dict[str, float]:
         net.train()
@@ -190,6 +192,7 @@ def train_extractor(
                     if isinstance(eps, tuple):  # one budget per batch, drawn reproducibly
                         g = torch.Generator().manual_seed(s)
                         attack.eps = eps[0] + (eps[1] - eps[0]) * torch.rand((), generator=g).item()
+                        attack.alpha = attack_step(ec, attack.eps)
                     attack.seed = s
                     x = attack(x, y)  # Eq. 4: PGD in eval mode; back in train mode afterwards
                 logits = net(x)
@@ -197,6 +200,8 @@ def train_extractor(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if per_batch:
+                scheduler.step()
             total += len(y)
             loss_sum += loss.item() * len(y)
             correct += (logits.argmax(1) == y).sum().item()
@@ -207,7 +212,7 @@ def train_extractor(
         return out
 
     def validate(epoch: int) -> dict[str, float]:
-        return _validate(model, data.val, eps_max, ec.val_attack_steps, ec.attack_step_size, device,
+        return _validate(model, data.val, eps_max, ec.val_attack_steps, step_size, device,
                          config.precision, seed, max(ec.batch_size, 256))
 
     def score(val: dict[str, float]) -> float:
@@ -220,7 +225,7 @@ def train_extractor(
     t0 = time.time()
     result = fit(run, model=model, optimizer=optimizer, scheduler=scheduler, epochs=ec.epochs,
                  train_epoch=train_epoch, validate=validate, score=score if ec.early_stopping else None, save_best=save_best,
-                 stop_after=stop_after)
+                 stop_after=stop_after, per_batch_schedule=per_batch)
     if len(result.history) < ec.epochs:  # stopped early on request: not complete, resumable
         return model.eval()
     best = result.history[result.best_epoch]
@@ -231,6 +236,12 @@ def train_extractor(
         "model": model_config.__dict__,
     })
     return _ready(load_model(run.best, map_location=device), device)
+
+
+def attack_step(ec: ExtractorConfig, eps: float) -> float:
+    """The training PGD's step at budget ``eps``: ``attack_step_ratio * eps`` when the config sets a ratio
+    (Madry et al.'s 2.5 * eps / steps), else the fixed ``attack_step_size``."""
+    return ec.attack_step_size if ec.attack_step_ratio is None else ec.attack_step_ratio * eps
 
 
 def _ready(model: nn.Module, device: torch.device) -> nn.Module:

@@ -7,7 +7,9 @@ Examples::
     python -m benchmarks merge --from /path/to/out/results/bench          # device rows -> results/bench
     python -m benchmarks all --device cpu --model wrn-10-1 --batch-sizes 8 --image-size 16 \\
         --steps 2 --members 2 --epoch-images 16 --epoch-batch-size 8 --bandwidth-batch 0 \\
+        --cpu-batch-size 4 --cpu-train-steps 2 --cpu-eval-batches 1 --cpu-epoch-batches 1 \\
         --compile-backend eager --quick --results-dir /tmp/bench             # a CPU dry run
+    OMP_NUM_THREADS=2 python -m benchmarks cpu --data-root /path/to/data      # the cpu suite (CPU only)
 """
 
 from __future__ import annotations
@@ -40,7 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to measure ('all': every suite in turn); 'summary' prints the stored rows of "
                         "--results-dir, 'merge' appends the rows of --from to --results-dir")
     p.add_argument("--from", dest="merge_from", default=None, help="merge: the folder of *.json rows to add")
-    p.add_argument("--device", default=d.device, help="cuda (timed with CUDA events) or cpu (a dry run)")
+    p.add_argument("--device", default=None,
+                   help="cuda (timed with CUDA events) or cpu (a dry run; the cpu suite's only device); "
+                        f"default: cpu for the cpu suite, else {d.device}")
     p.add_argument("--batch-sizes", type=_ints, default=d.batch_sizes, help="comma-separated, e.g. 128,512")
     p.add_argument("--model", default=d.model, help="wrn-<depth>-<widen>")
     p.add_argument("--image-size", type=int, default=d.image_size)
@@ -56,6 +60,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epoch-images", type=int, default=d.epoch_images)
     p.add_argument("--epoch-batch-size", type=int, default=d.epoch_batch_size)
     p.add_argument("--epoch-baseline-batches", type=int, default=d.epoch_baseline_batches)
+    p.add_argument("--cpu-batch-size", type=int, default=d.cpu_batch_size, help="cpu suite: attack/training batch")
+    p.add_argument("--cpu-train-steps", type=int, default=d.cpu_train_steps,
+                   help="cpu suite: PGD-AT steps that train the attacked model first")
+    p.add_argument("--cpu-eval-batches", type=int, default=d.cpu_eval_batches,
+                   help="cpu suite: batches the attack strength is scored on")
+    p.add_argument("--cpu-epoch-batches", type=int, default=d.cpu_epoch_batches,
+                   help="cpu suite: batches of the timed PGD-AT epoch")
+    p.add_argument("--cpu-compile", action=argparse.BooleanOptionalAction, default=d.cpu_compile,
+                   help="cpu suite: also the torch.compile'd variants")
+    p.add_argument("--data-root", default=d.data_root,
+                   help="cpu suite: folder holding --dataset (afs.data); default synthetic images")
+    p.add_argument("--dataset", default=d.dataset, help="cpu suite: the data set in --data-root")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--results-dir", default=d.results_dir, help="rows are appended to <dir>/<suite>.json")
     p.add_argument("--note", action="append", default=[], help="free text stored in every row (repeatable)")
@@ -66,13 +82,16 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     d = BenchConfig()
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else d.warmup)
     reps = args.reps if args.reps is not None else (3 if args.quick else d.reps)
+    device = args.device or ("cpu" if args.suite == "cpu" else d.device)
     return replace(
-        d, device=args.device, batch_sizes=args.batch_sizes, model=args.model, image_size=args.image_size,
+        d, device=device, batch_sizes=args.batch_sizes, model=args.model, image_size=args.image_size,
         num_classes=args.num_classes, steps=args.steps, members=args.members, warmup=warmup, reps=reps,
         compile_backend=args.compile_backend, peak_tflops=args.peak_tflops, bandwidth_batch=args.bandwidth_batch,
         epoch_images=args.epoch_images, epoch_batch_size=args.epoch_batch_size,
-        epoch_baseline_batches=args.epoch_baseline_batches, seed=args.seed, results_dir=args.results_dir,
-        notes=tuple(args.note),
+        epoch_baseline_batches=args.epoch_baseline_batches, cpu_batch_size=args.cpu_batch_size,
+        cpu_train_steps=args.cpu_train_steps, cpu_eval_batches=args.cpu_eval_batches,
+        cpu_epoch_batches=args.cpu_epoch_batches, cpu_compile=args.cpu_compile, data_root=args.data_root,
+        dataset=args.dataset, seed=args.seed, results_dir=args.results_dir, notes=tuple(args.note),
     )
 
 

@@ -13,10 +13,17 @@ at_epoch       one PGD-10 adversarial-training epoch: authors'-style eager fp32 
                a few batches], compiled bf16 channels_last (full epoch); plus the counted compute bound
 merger_head    the fused merger-head kernel, forward and forward+backward: unfused eager [itself],
                unfused torch.compile'd, fused Triton
+cpu            on the CPU, the cpu profile's SmallCNN(2) at CIFAR shapes, batch 128: PGD-10 images/s of
+               torchattacks fp32 [itself], ours eager fp32, ours bf16 + channels_last, that compiled
+               (compile time apart); the robust accuracy each leaves on the same images of the same
+               briefly PGD-AT-trained model [torchattacks]; a 20-batch PGD-3 AT epoch: eager fp32 [itself],
+               bf16 + channels_last, attack compiled. Without torchattacks: [ours eager fp32], said once
 =============  =========================================================================================
 
 Every suite takes a :class:`BenchConfig`; the full-size defaults are the issue's (WRN-28-10, CIFAR shapes,
 batches 128 and 512), and a CPU dry run passes a tiny WRN-10-1, batch 8 and ``compile_backend="eager"``.
+The ``cpu`` suite has its own ``cpu_*`` options (its network and shapes are fixed) and runs only on
+``--device cpu``; elsewhere it prints that it is skipped.
 CUDA-only cases (CUDA graphs, streams) are skipped off CUDA with a printed note, never silently.
 
 FLOPs are counted with ``torch.utils.flop_counter`` (one multiply-accumulate = 2 FLOPs), per image: the
@@ -27,6 +34,7 @@ from __future__ import annotations
 
 import copy
 import re
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -36,7 +44,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from afs.models import WideResNet
+from afs.attacks import PGD
+from afs.data import balanced_subset, load_dataset
+from afs.evidence import Bootstrap, percentile_interval
+from afs.models import SmallCNN, WideResNet
+from afs.runs import AutocastModel
 from afs.stacking import StackedModel
 from afs_kernels import (
     BatchedMembers,
@@ -82,6 +94,15 @@ class BenchConfig:
     epoch_images: int = 50_000  # at_epoch: images in the epoch
     epoch_batch_size: int = 512  # at_epoch: training batch
     epoch_baseline_batches: int = 3  # at_epoch: eager batches timed, then extrapolated to the epoch
+    # The cpu suite (the cpu profile's SmallCNN at CIFAR shapes on the CPU; it ignores model, image_size,
+    # num_classes and batch_sizes above, and uses steps, warmup, reps, compile_backend and epoch_images).
+    cpu_batch_size: int = 128  # attack and training batch
+    cpu_train_steps: int = 200  # PGD-AT steps that train the attacked model first (0: attack a random init)
+    cpu_eval_batches: int = 2  # batches every variant attacks for the strength rows (the same ones for all)
+    cpu_epoch_batches: int = 20  # batches of the timed PGD-AT epoch
+    cpu_compile: bool = True  # also the torch.compile'd variants (first call = compile, reported apart)
+    data_root: str | None = None  # folder holding `dataset` (afs.data); None: synthetic CIFAR-shaped data
+    dataset: str = "cifar10-jpeg"  # what data_root holds (an afs.data.DATASETS name)
     seed: int = 0
     results_dir: str = "results/bench"
     notes: tuple[str, ...] = field(default_factory=tuple)  # free text carried into every row
@@ -90,11 +111,14 @@ class BenchConfig:
         parse_model(self.model)
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
             raise ValueError(f"batch_sizes must be a non-empty list of positive ints, got {self.batch_sizes}")
-        for name in ("image_size", "steps", "members", "reps", "epoch_images", "epoch_batch_size", "epoch_baseline_batches"):
+        for name in ("image_size", "steps", "members", "reps", "epoch_images", "epoch_batch_size", "epoch_baseline_batches",
+                     "cpu_batch_size", "cpu_eval_batches", "cpu_epoch_batches"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.image_size % 4:
             raise ValueError(f"image_size must be a multiple of 4 (WRN downsamples twice), got {self.image_size}")
+        if self.cpu_train_steps < 0:
+            raise ValueError(f"cpu_train_steps must be >= 0, got {self.cpu_train_steps}")
         if self.warmup < 0 or self.bandwidth_batch < 0 or self.num_classes < 2 or self.peak_tflops <= 0:
             raise ValueError("need warmup >= 0, bandwidth_batch >= 0, num_classes >= 2 and peak_tflops > 0")
         if self.epoch_images < self.epoch_batch_size:
@@ -649,10 +673,280 @@ def _merger_head_batch(
                     compile_s=comp, extra=more)
 
 
+# --------------------------------------------------------------------------------------------------------
+# Suite 6: the cpu profile's network on the CPU, against torchattacks
+# --------------------------------------------------------------------------------------------------------
+CPU_MODEL = "smallcnn-2"  # afs.models.SmallCNN(widen_factor=2): the cpu profile's network, 32-32-64-64-128
+CIFAR_SHAPE, CIFAR_CLASSES = (3, 32, 32), 10
+AT_STEPS = 3  # the PGD-AT epoch's training attack (and the pre-training's): PGD-3 ...
+AT_ALPHA = 2.5 * EPS / AT_STEPS  # ... with Madry et al.'s step 2.5 * eps / steps
+TORCHATTACKS_PIN = "torchattacks==3.5.1"  # installed with --no-deps (its requests pin conflicts with jupyterlab)
+STRENGTH = "ratio = (robust images + 1) / (baseline's robust images + 1): 1 = equal strength, < 1 = stronger attack"
+_CL = torch.channels_last
+
+
+@dataclass
+class _CpuData:
+    """The cpu suite's images, float [0, 1] NCHW on the CPU: training batches by index, evaluation batches."""
+
+    source: str  # where they come from (printed, and stored in every row's extra)
+    train_batch: Callable[[int], tuple[torch.Tensor, torch.Tensor]]
+    evals: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _cpu_data(cfg: BenchConfig) -> _CpuData:
+    """Real data from ``cfg.data_root`` (afs.data) when given, else synthetic CIFAR-shaped classes."""
+    b = cfg.cpu_batch_size
+    n_train = max(cfg.cpu_train_steps, cfg.cpu_epoch_batches) * b
+    n_eval = cfg.cpu_eval_batches * b
+    if cfg.data_root is None:
+        return _synthetic_cifar(cfg)
+    train = load_dataset(cfg.dataset, cfg.data_root, "train")
+    test = load_dataset(cfg.dataset, cfg.data_root, "test")
+    if n_eval > len(test) or b > len(train):
+        raise ValueError(f"cpu suite: batch {b} and {n_eval} evaluation images asked; {cfg.dataset} has "
+                         f"{len(train)} training and {len(test)} test images")
+    n_train = min(n_train, len(train) // b * b)  # more steps than images: the batches repeat
+    order = torch.randperm(n_train, generator=torch.Generator().manual_seed(cfg.seed))
+    idx = balanced_subset(train.labels, n_train, seed=cfg.seed)[order]  # balanced, then shuffled
+    n_batches = n_train // b
+
+    def train_batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = idx[(i % n_batches) * b : (i % n_batches + 1) * b]
+        return train.images[j].float() / 255, train.labels[j]
+
+    sub = test.subset(balanced_subset(test.labels, n_eval, seed=cfg.seed))
+    x_eval = sub.images.float() / 255
+    evals = [(x_eval[i * b : (i + 1) * b], sub.labels[i * b : (i + 1) * b]) for i in range(cfg.cpu_eval_batches)]
+    return _CpuData(f"{cfg.dataset} (train: {n_train} images, balanced; eval: {n_eval} test images, balanced)",
+                    train_batch, evals)
+
+
+def _synthetic_cifar(cfg: BenchConfig) -> _CpuData:
+    """Ten classes, each a random 4x4 colour pattern upsampled to 32x32, plus Gaussian pixel noise: learnt in a
+    few dozen steps, so the strength rows attack a model that gets clean images right. It says nothing about
+    CIFAR; rows made on it compare the variants with each other only (pass ``data_root`` for real images)."""
+    b, base = cfg.cpu_batch_size, 1_000_000 * (cfg.seed + 1)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    templates = F.interpolate(torch.rand(CIFAR_CLASSES, 3, 4, 4, generator=gen), size=CIFAR_SHAPE[1:],
+                              mode="bilinear", align_corners=False)  # (10, 3, 32, 32)
+
+    def draw(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed)
+        y = torch.randint(0, CIFAR_CLASSES, (b,), generator=g)
+        return (templates[y] + 0.3 * torch.randn(b, *CIFAR_SHAPE, generator=g)).clamp(0.0, 1.0), y
+
+    evals = [draw(base + 500_000 + i) for i in range(cfg.cpu_eval_batches)]
+    return _CpuData("synthetic (class templates + noise; not CIFAR)", lambda i: draw(base + i), evals)
+
+
+def _torchattacks(rec: Recorder) -> Any:
+    """The torchattacks module, or None with one line saying so (the suite then runs without its rows)."""
+    try:
+        import torchattacks
+    except Exception as e:  # noqa: BLE001 - ImportError, or a broken install: either way no baseline
+        rec.note(f"torchattacks unavailable ({type(e).__name__}: {e}); install it with `pip install --no-deps "
+                 f"{TORCHATTACKS_PIN}`. Its rows are skipped; ratios are against ours_eager_fp32")
+        return None
+    return torchattacks
+
+
+def _at_step(net: nn.Module, *, bf16: bool, channels_last: bool, compile_backend: str | None,
+             seed: int) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:
+    """One PGD-AT batch as afs.training runs it: PGD-3 on ``net`` (afs.attacks.PGD puts it in eval mode and
+    back), then one SGD step on the adversarial batch in train mode. ``bf16``: attack and training forward
+    under bf16 autocast; ``compile_backend``: the attack's steps torch.compile'd (the weight update stays eager)."""
+    target = AutocastModel(net, "cpu") if bf16 else net
+    attack = PGD(target, eps=EPS, alpha=AT_ALPHA, steps=AT_STEPS, compile=compile_backend is not None,
+                 compile_backend=compile_backend or "inductor")
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+
+    def step(x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
+        if channels_last:
+            x = x.contiguous(memory_format=_CL)
+        net.train()
+        x_adv = attack.perturb(x, y, seed=seed + i)  # Eq. 4, in eval mode (frozen BN statistics)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(net(x_adv), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def suite_cpu(cfg: BenchConfig, rec: Recorder) -> None:
+    """The cpu profile's SmallCNN on the CPU: PGD-k speed and strength against torchattacks, and a PGD-AT epoch.
+
+    1. PGD-``steps`` (eps 8/255, step 2/255, uniform random start) images/s at ``cpu_batch_size``:
+       torchattacks fp32 NCHW [the baseline], ``afs.attacks.PGD`` fp32 eager NCHW, bf16 autocast +
+       channels_last (``afs.runs.AutocastModel``), and that compiled (``PGD(compile=True)``; first call timed
+       apart, with the calls it takes to pay for itself against the eager bf16 loop).
+    2. Strength: every variant attacks the same ``cpu_eval_batches`` batches of the same trained model; each
+       row is the robust accuracy its examples leave, scored by the fp32 eager NCHW model, with the paired
+       difference to the baseline and its 95% bootstrap interval over images (afs.evidence) -- "within
+       noise" is read there. The model is first trained ``cpu_train_steps`` PGD-AT steps (bf16 eager, on
+       ``data_root`` or synthetic data), so accuracies are not trivially 0 or 100; it is a means to compare
+       the variants, not a robustness result. torchattacks is seeded with ``torch.manual_seed(seed + i)`` and
+       ours with a generator of the same seed, which draws the same uniforms: the fp32 rows start from the
+       same points (tests/test_bench.py checks the two attacks then agree to 1e-6), so a difference between
+       them is the loops', not the starts'.
+    3. ``cpu_epoch_batches`` PGD-AT batches (PGD-3, step 2.5 * eps / 3, SGD) from the trained weights: fp32
+       eager [baseline], bf16 + channels_last, and with the attack compiled; seconds and images/s.
+
+    Threads: whatever torch uses (set OMP_NUM_THREADS); every row's env records ``torch_threads``. Compile
+    times are cold only with an empty Inductor cache (``TORCHINDUCTOR_CACHE_DIR=$(mktemp -d)``); the AT
+    epoch's attack is the pgd row's graph again, so its first call reuses those kernels.
+    """
+    if torch.device(cfg.device).type != "cpu":
+        rec.note(f"skipped: the cpu suite measures the CPU; run it with --device cpu (this run: {cfg.device})")
+        return
+    device = torch.device("cpu")
+    b, k = cfg.cpu_batch_size, cfg.steps
+    ta = _torchattacks(rec)
+    try:
+        data = _cpu_data(cfg)
+    except (FileNotFoundError, ValueError) as e:  # a wrong --data-root: said in one line, a non-zero exit
+        rec.failures.append(f"data: {e}")
+        rec.note(f"FAILED data: {e}")
+        return
+    skipped: list[str] = [] if cfg.cpu_compile else ["*_compiled_bf16_channels_last (cpu_compile is off)"]
+    if ta is None:
+        skipped += ["pgd_torchattacks_fp32", "strength_torchattacks_fp32"]
+
+    # The attacked model: SmallCNN(2), trained briefly with PGD-AT (the fast eager configuration).
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        net = SmallCNN(widen_factor=2, num_classes=CIFAR_CLASSES).to(memory_format=_CL)
+    if cfg.cpu_train_steps:
+        train = _at_step(net, bf16=True, channels_last=True, compile_backend=None, seed=cfg.seed)
+        t0 = time.perf_counter()
+        for i in range(cfg.cpu_train_steps):
+            train(*data.train_batch(i), i)
+        train_s = time.perf_counter() - t0
+        rec.note(f"model {CPU_MODEL} trained {cfg.cpu_train_steps} PGD-AT steps (bf16 channels_last) at B={b} on "
+                 f"{data.source} in {train_s:.0f} s")
+    model = copy.deepcopy(net).to(memory_format=torch.contiguous_format).eval()  # fp32 NCHW: (a), (b), scoring
+    fast = AutocastModel(copy.deepcopy(net).to(memory_format=_CL).eval(), "cpu")  # (c), (d): same weights
+    with torch.no_grad():
+        clean = torch.cat([model(x).argmax(1) == y for x, y in data.evals])
+    rec.note(f"clean accuracy on the {clean.numel()} evaluation images: {100 * clean.float().mean():.1f}%")
+
+    # The PGD-k variants, each ``run(x, y, i)`` -> x_adv, its random start seeded by the batch index i.
+    variants: list[tuple[str, str, Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]]] = []
+    if ta is not None:
+        atk = ta.PGD(model, eps=EPS, alpha=ALPHA, steps=k, random_start=True)
+
+        def run_ta(x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(cfg.seed + i)  # torchattacks draws its start from torch's global RNG
+                return atk(x, y)
+
+        variants.append(("torchattacks_fp32", "float32", run_ta))
+    ours = PGD(model, eps=EPS, alpha=ALPHA, steps=k)
+    variants.append(("ours_eager_fp32", "float32", lambda x, y, i: ours.perturb(x, y, seed=cfg.seed + i)))
+    ours_bf16 = PGD(fast, eps=EPS, alpha=ALPHA, steps=k)
+    variants.append(("ours_bf16_channels_last", "bfloat16-autocast",
+                     lambda x, y, i: ours_bf16.perturb(x.contiguous(memory_format=_CL), y, seed=cfg.seed + i)))
+    if cfg.cpu_compile:
+        ours_comp = PGD(fast, eps=EPS, alpha=ALPHA, steps=k, compile=True, compile_backend=cfg.compile_backend)
+        variants.append(("ours_compiled_bf16_channels_last", "bfloat16-autocast",
+                         lambda x, y, i: ours_comp.perturb(x.contiguous(memory_format=_CL), y, seed=cfg.seed + i)))
+    shapes = {"x": [b, *CIFAR_SHAPE], "steps": k, "eps": EPS, "alpha": ALPHA}
+
+    # 1. Speed, on the first evaluation batch (speed does not depend on the pixels).
+    x0, y0 = data.evals[0]
+    times: dict[str, Timing] = {}
+    for name, dtype, run in variants:
+        with rec.guard(f"pgd_{name}"):
+            fn = lambda run=run: run(x0, y0, 0)  # noqa: E731
+            compile_s = first_call_seconds(fn, device) if "compiled" in name else None
+            t = times[name] = measure(fn, device, warmup=cfg.warmup, reps=cfg.reps)
+            base = next(iter(times))  # the first variant measured: torchattacks when it is there
+            more: dict[str, Any] = {"memory_format": "channels_last" if "channels_last" in name else "contiguous"}
+            eager = times.get("ours_bf16_channels_last")
+            if compile_s is not None and eager is not None:
+                saved = eager.median_s - t.median_s  # per call, against the same loop uncompiled
+                per_epoch = cfg.epoch_images // b
+                more.update(vs="ours_bf16_channels_last", saved_s_per_call=saved, calls_per_epoch=per_epoch,
+                            break_even_calls=compile_s / saved if saved > 0 else None,
+                            pays_off_within_one_epoch=saved > 0 and compile_s < per_epoch * saved)
+            rec.add(f"pgd_{name}", baseline=f"pgd_{base}", ratio=times[base].median_ms / t.median_ms,
+                    ratio_meaning=SPEEDUP, metric="images_per_s", value=b / t.median_s, unit="images/s",
+                    timing=t, batch_size=b, model=CPU_MODEL, dtype=dtype, shapes=shapes, compile_s=compile_s,
+                    extra=more)
+
+    # 2. Strength: the same batches, the same model; every x_adv scored by the fp32 eager NCHW model.
+    flags: dict[str, torch.Tensor] = {}
+    boot = Bootstrap(clean.numel(), seed=cfg.seed)
+    for name, dtype, run in variants:
+        with rec.guard(f"strength_{name}"):
+            ok, worst, in_box = [], 0.0, True
+            for i, (x, y) in enumerate(data.evals):
+                x_adv = run(x, y, i)
+                worst = max(worst, (x_adv - x).abs().max().item())
+                in_box = in_box and bool(x_adv.min() >= 0) and bool(x_adv.max() <= 1)
+                with torch.no_grad():
+                    ok.append(model(x_adv).argmax(1) == y)
+            f = flags[name] = torch.cat(ok)
+            base = next(iter(flags))
+            pair = boot.means(torch.stack([f, flags[base]], 1).float().numpy())  # (n_boot, 2), the same resamples
+            rec.add(f"strength_{name}", baseline=f"strength_{base}",
+                    ratio=(f.sum().item() + 1) / (flags[base].sum().item() + 1), ratio_meaning=STRENGTH,
+                    metric="robust_accuracy", value=100 * f.float().mean().item(), unit="% robust (fp32 score)",
+                    timing=None, batch_size=b, model=CPU_MODEL, dtype=dtype,
+                    shapes={**shapes, "images": f.numel()},
+                    extra={"images": f.numel(), "clean_accuracy": 100 * clean.float().mean().item(),
+                           "diff_vs_baseline_pp": 100 * (f.float().mean() - flags[base].float().mean()).item(),
+                           "diff_interval_95_pp": percentile_interval(pair[:, 0] - pair[:, 1]),
+                           "same_flags_as_baseline": (f == flags[base]).float().mean().item(),
+                           "max_linf_over_eps": worst / EPS, "in_box": in_box,
+                           "scored_by": "fp32 eager NCHW model", "data": data.source,
+                           "model_pgd_at_steps": cfg.cpu_train_steps})
+
+    # 3. A PGD-AT epoch of cpu_epoch_batches batches, each variant from a copy of the trained weights.
+    n = cfg.cpu_epoch_batches
+    batches = [data.train_batch(i) for i in range(n)]
+    at: list[tuple[str, bool, str | None]] = [("at_eager_fp32", False, None), ("at_bf16_channels_last", True, None)]
+    if cfg.cpu_compile:
+        at.append(("at_compiled_bf16_channels_last", True, cfg.compile_backend))
+    at_times: dict[str, Timing] = {}
+    at_shapes = {"x": [b, *CIFAR_SHAPE], "batches": n, "attack_steps": AT_STEPS, "eps": EPS, "alpha": AT_ALPHA}
+    for case, fast_path, backend in at:
+        with rec.guard(case):
+            net_v = copy.deepcopy(net).to(memory_format=_CL if fast_path else torch.contiguous_format)
+            step = _at_step(net_v, bf16=fast_path, channels_last=fast_path, compile_backend=backend, seed=cfg.seed)
+            # The first batch is a warm-up (oneDNN primitive caches; for the compiled case: the compile).
+            first_s = first_call_seconds(lambda step=step: step(*batches[0], 0), device)
+            t = at_times[case] = measure(lambda step=step: [step(x, y, i) for i, (x, y) in enumerate(batches)],
+                                         device, warmup=0, reps=1)
+            base = next(iter(at_times))
+            more = {"images": n * b, "images_per_s": n * b / t.median_s, "first_batch_s": first_s,
+                    "epoch_s_extrapolated": t.median_s / (n * b) * cfg.epoch_images, "epoch_images": cfg.epoch_images}
+            eager = at_times.get("at_bf16_channels_last")
+            if backend is not None and eager is not None:
+                saved = (eager.median_s - t.median_s) / n  # per batch
+                per_epoch = cfg.epoch_images // b
+                more.update(vs="at_bf16_channels_last", saved_s_per_batch=saved, batches_per_epoch=per_epoch,
+                            break_even_batches=first_s / saved if saved > 0 else None,
+                            pays_off_within_one_epoch=saved > 0 and first_s < per_epoch * saved,
+                            compiled="the attack's steps (afs.attacks.PGD compile=True); the weight update is eager",
+                            compile_note="the attack is the pgd row's graph: its compile reuses those Inductor kernels")
+            rec.add(case, baseline=base, ratio=at_times[base].median_ms / t.median_ms, ratio_meaning=SPEEDUP,
+                    metric="at_epoch_time", value=t.median_s, unit=f"s per {n} batches", timing=t, batch_size=b,
+                    model=CPU_MODEL, dtype="bfloat16-autocast" if fast_path else "float32", shapes=at_shapes,
+                    compile_s=first_s if backend is not None else None, extra=more)
+
+    made = [r["case"] for r in rec.rows if r["run_id"] == rec.run_id]
+    rec.note(f"rows: {', '.join(made)}" + (f"; not run: {', '.join(skipped)}" if skipped else ""))
+
+
 SUITES: dict[str, Callable[[BenchConfig, Recorder], None]] = {
     "pgd_step": suite_pgd_step,
     "merger_head": suite_merger_head,
     "stack": suite_stack,
     "pgd": suite_pgd,
     "at_epoch": suite_at_epoch,
+    "cpu": suite_cpu,
 }

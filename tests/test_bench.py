@@ -1,4 +1,5 @@
-"""The benchmark harness and a CPU dry run of every suite (tiny WRN-10-1, batch 4, 8x8 images).
+"""The benchmark harness and a CPU dry run of every suite (tiny WRN-10-1, batch 4, 8x8 images; the cpu
+suite: its SmallCNN at batch 4), and our PGD against torchattacks' on the same inputs.
 
 No timing is asserted (timings never decide a test): what is checked is that every suite runs end to end
 and writes rows carrying the fields the issue requires -- a baseline measured in the same run and the
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 from benchmarks import SUITES, BenchConfig, Recorder, append_rows, measure
+from benchmarks.__main__ import build_parser, config_from_args
 from benchmarks.harness import config_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -77,7 +79,8 @@ def _check_rows(rows: list[dict], suite: str) -> None:
         assert r["config"]["model"] == "wrn-10-1"
 
 
-@pytest.mark.parametrize("suite", list(SUITES))
+# The cpu suite has its own tests below: its network is fixed (SmallCNN), and its strength rows are untimed.
+@pytest.mark.parametrize("suite", [s for s in SUITES if s != "cpu"])
 def test_suite_dry_run_writes_complete_rows(suite, tmp_path, one_thread):
     cfg = replace(DRY, results_dir=str(tmp_path))
     rec = Recorder(suite, tmp_path, torch.device("cpu"), config_dict(cfg))
@@ -159,3 +162,131 @@ def test_guard_records_a_failing_case_and_goes_on(tmp_path, capsys):
         ran_after.append(True)
     assert rec.failures == ["B=4 broken: RuntimeError: out of memory (simulated)"] and ran_after
     assert "FAILED B=4 broken" in capsys.readouterr().out  # never silent
+
+
+# --------------------------------------------------------------------------------------------------------
+# The cpu suite, and our PGD against torchattacks'
+# --------------------------------------------------------------------------------------------------------
+# Batch 4, PGD-2, 2 training steps, 2 evaluation and 2 epoch batches, nothing compiled: a few seconds.
+CPU_DRY = replace(DRY, steps=2, cpu_batch_size=4, cpu_train_steps=2, cpu_eval_batches=2, cpu_epoch_batches=2,
+                  cpu_compile=False)
+CPU_CASES = {f"{part}_ours_{v}" for part in ("pgd", "strength") for v in ("eager_fp32", "bf16_channels_last")} | {
+    "at_eager_fp32", "at_bf16_channels_last"}
+
+
+def _run_cpu_suite(tmp_path: Path) -> list[dict]:
+    torch.set_num_threads(1)
+    rec = Recorder("cpu", tmp_path, torch.device("cpu"), config_dict(replace(CPU_DRY, results_dir=str(tmp_path))))
+    SUITES["cpu"](CPU_DRY, rec)
+    rows = json.loads((tmp_path / "cpu.json").read_text())
+    assert rows == json.loads(json.dumps(rec.rows)) and not rec.failures
+    return rows
+
+
+def _check_cpu_rows(rows: list[dict]) -> None:
+    cases = {r["case"] for r in rows}
+    assert CPU_CASES <= cases, f"missing cases {CPU_CASES - cases}"
+    assert not any("compiled" in c for c in cases), "cpu_compile=False must not compile"
+    for r in rows:
+        assert ROW_FIELDS <= r.keys() and r["suite"] == "cpu" and r["model"] == "smallcnn-2"
+        assert r["env"]["device_type"] == "cpu" and r["batch_size"] == 4 and r["shapes"]["x"] == [4, 3, 32, 32]
+        # The baseline was measured in this run, in the same part of the suite (pgd / strength / at).
+        assert r["baseline"] in cases and r["baseline"].split("_")[0] == r["case"].split("_")[0]
+        assert isinstance(r["ratio"], float) and math.isfinite(r["ratio"]) and r["ratio"] > 0
+        assert isinstance(r["value"], float) and math.isfinite(r["value"])
+        if r["baseline"] == r["case"]:
+            assert r["ratio"] == 1.0
+        if r["case"].startswith("strength_"):
+            e = r["extra"]
+            assert r["time"] is None and 0.0 <= r["value"] <= 100.0 and e["images"] == 8
+            # Inside the ball (up to fp32 rounding of x +- eps: ~1 ulp of a pixel, 2e-6 of eps) and the box.
+            assert e["max_linf_over_eps"] <= 1 + 1e-5 and e["in_box"] is True
+            lo, hi = e["diff_interval_95_pp"]
+            assert lo <= e["diff_vs_baseline_pp"] <= hi
+        else:
+            assert r["value"] > 0 and r["time"]["median_ms"] > 0 and r["time"]["clock"] == "perf_counter"
+
+
+@pytest.fixture(scope="module")
+def cpu_rows(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch._dynamo.reset()
+    try:
+        yield _run_cpu_suite(tmp_path_factory.mktemp("cpu-bench"))
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cpu_suite_writes_finite_rows(cpu_rows):
+    _check_cpu_rows(cpu_rows)
+
+
+def test_cpu_suite_baseline_is_torchattacks(cpu_rows):
+    pytest.importorskip("torchattacks")
+    by_case = {r["case"]: r for r in cpu_rows}
+    for part in ("pgd", "strength"):
+        base = f"{part}_torchattacks_fp32"
+        assert by_case[base]["baseline"] == base and by_case[base]["ratio"] == 1.0
+        assert all(r["baseline"] == base for r in cpu_rows if r["case"].startswith(part + "_"))
+    assert by_case["at_bf16_channels_last"]["baseline"] == "at_eager_fp32"  # no torchattacks training loop
+
+
+def test_cpu_suite_without_torchattacks_says_so_and_uses_ours(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "torchattacks", None)  # `import torchattacks` now raises ImportError
+    threads = torch.get_num_threads()
+    try:
+        rows = _run_cpu_suite(tmp_path)
+    finally:
+        torch.set_num_threads(threads)
+    _check_cpu_rows(rows)
+    assert not any("torchattacks" in r["case"] for r in rows)
+    assert {r["baseline"] for r in rows if not r["case"].startswith("at_")} == {
+        "pgd_ours_eager_fp32", "strength_ours_eager_fp32"}
+    out = capsys.readouterr().out
+    assert len([line for line in out.splitlines() if "torchattacks unavailable" in line]) == 1
+    assert "pip install --no-deps torchattacks==3.5.1" in out and "Traceback" not in out
+
+
+def test_cpu_suite_skips_off_cpu_and_defaults_to_cpu(tmp_path, capsys):
+    rec = Recorder("cpu", tmp_path, torch.device("cpu"), {})
+    SUITES["cpu"](replace(CPU_DRY, device="cuda"), rec)
+    assert not rec.rows and "run it with --device cpu" in capsys.readouterr().out
+    assert config_from_args(build_parser().parse_args(["cpu"])).device == "cpu"
+    assert config_from_args(build_parser().parse_args(["pgd"])).device == BenchConfig().device
+    with pytest.raises(ValueError, match="cpu_train_steps"):
+        BenchConfig(cpu_train_steps=-1)
+
+
+@pytest.mark.parametrize("random_start", [False, True])
+def test_our_pgd_equals_torchattacks_pgd(random_start, one_thread):
+    """afs.attacks.PGD and torchattacks.PGD on the same inputs give the same adversarial examples.
+
+    With ``random_start=False`` both are deterministic. With a random start both draw it from torch's global
+    RNG (ours: ``seed=None``), the same uniforms after the same ``torch.manual_seed``. The budget 1.5/255
+    leaves the standardly trained toy ~45% accurate, so a difference in strength would show. The batch is
+    64, a power of two: torchattacks' mean cross-entropy then has exactly 1/64 of our summed one's gradient
+    (scaling by 2^-k is exact in floating point), so every sign -- and every step -- is the same; only
+    ties at a zero gradient could differ, which the 1e-6 agreement below leaves room for.
+    """
+    torchattacks = pytest.importorskip("torchattacks")
+    import toys
+    from afs.attacks import PGD
+
+    net = toys.trained_tiny_net()
+    x, y = toys.make_data(64)
+    eps, alpha = 1.5 / 255, 1.5 / 255 / 4
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        theirs = torchattacks.PGD(net, eps=eps, alpha=alpha, steps=10, random_start=random_start)(x, y)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(7)
+        ours = PGD(net, eps=eps, alpha=alpha, steps=10, random_start=random_start)(x, y)
+    for x_adv in (theirs, ours):
+        assert (x_adv - x).abs().max().item() <= eps + 1e-6  # inside the ball
+        assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0  # inside the box
+    diff = (theirs - ours).abs()
+    assert (diff > 1e-6).float().mean().item() <= 1e-3, f"max |difference| {diff.max().item():.3g}"
+    clean = toys.accuracy(net, x, y)
+    robust_theirs, robust_ours = toys.accuracy(net, theirs, y), toys.accuracy(net, ours, y)
+    assert robust_ours == robust_theirs  # equal strength: the same robust accuracy on the same images
+    assert robust_ours < clean - 20  # and the attack did something (a no-op pair would agree too)

@@ -21,9 +21,9 @@ def test_stages_match_the_pipeline_grid(name):
     found = cost.stages(p)
     assert sum(s.group == "extractor" for s in found) == len(extractors)
     assert sum(s.group == "merger" for s in found) == len(mergers)
-    # Three AutoAttack evaluations (default stack in both modes, the 8/255 network), on aa_size images each.
+    # AutoAttack on the default stack (in both merger modes, or the profile's) and the 8/255 network.
     aa = [w for s in found if s.group == "autoattack" for w in s.work if w.what == "aa"]
-    assert len(aa) == 3
+    assert len(aa) == (3 if p.evaluation.aa_both_modes else 2)
     assert all(w.images == min(p.evaluation.aa_size or 10_000, p.data.test_size or 10_000) for w in aa)
     assert all(s.flops > 0 for s in found)
 

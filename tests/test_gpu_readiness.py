@@ -82,15 +82,19 @@ def test_provenance_honours_afs_git_sha(monkeypatch):
     assert m["git_sha"] == "0123abc"  # the device machine's copy has no .git: the caller passes the commit
 
 
-def test_one_precision_policy():
+def test_one_precision_policy(monkeypatch):
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert runs.resolve_precision("auto", cpu) == "fp32" and runs.resolve_precision("auto", cuda) == "bf16"
+    assert runs.resolve_precision("auto", cuda) == "bf16"
     assert runs.resolve_precision("fp32", cuda) == "fp32" and runs.resolve_precision("bf16", cpu) == "bf16"
+    # "auto" on a CPU follows its bf16 hardware: AVX512-BF16 or AMX -> bf16, neither -> fp32.
+    for support, want in (({"avx512_bf16": False, "amx": False}, "fp32"), ({"avx512_bf16": True, "amx": False}, "bf16"),
+                          ({"avx512_bf16": False, "amx": True}, "bf16")):
+        monkeypatch.setattr(runs, "cpu_bf16_support", lambda s=support: s)
+        assert runs.resolve_precision("auto", cpu) == want
     with pytest.raises(ValueError, match="precision"):
         runs.resolve_precision("fp16", cpu)
     net = nn.Sequential(nn.Flatten(), nn.Linear(12, 3))
-    assert runs.for_precision(net, cpu, "auto") is net  # fp32 numbers come from the model itself
-    wrapped = runs.for_precision(net, cpu, "bf16")
+    wrapped = runs.AutocastModel(net, "cpu")
     x = torch.rand(4, 3, 2, 2)
     out = wrapped(x)
     assert out.dtype == torch.float32 and torch.allclose(out, net(x), atol=0.05)  # bf16 inside, fp32 out
@@ -99,8 +103,10 @@ def test_one_precision_policy():
 
 def test_numerics_are_explicit_and_recorded(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)  # cuDNN's default
+    monkeypatch.setattr(runs, "cpu_bf16_support", lambda: {"avx512_bf16": False, "amx": False})
     got = runs.configure_numerics("auto", False, torch.device("cpu"))
-    assert got == {"precision": "fp32", "tf32": False, "deterministic": False}
+    assert got == {"precision": "fp32", "requested": "auto", "tf32": False, "deterministic": False,
+                   "cpu_bf16": {"avx512_bf16": False, "amx": False}}
     assert torch.backends.cudnn.allow_tf32 is False and torch.backends.cuda.matmul.allow_tf32 is False
     assert io.manifest("cpu")["tf32"] == {"matmul": False, "cudnn": False}
 
