@@ -322,15 +322,14 @@ SMOKE = Profile(
     ),
 )
 
-# The honest laptop run on real CIFAR-10 in under 30 minutes on 2 CPU cores (AVX512-BF16/AMX: bf16 autocast,
-# recorded in provenance), chosen by measured accuracy per minute (README "The cpu profile"): SmallCNN
-# 32-32-64-64-128 (a WRN-10-1 learns less per minute here), 10,000 training images without augmentation (at
-# five epochs crop + flip costs 3 points of clean accuracy), one-cycle schedule, PGD-2 training with step
-# 1.25 eps (PGD-3 measured no better at 8/255: 43.1/25.7 vs 42.3/25.3 clean/PGD-10, 25% slower). Reduced
-# against the paper: five budgets 0-8 step 2, a 3-member default stack (4, 6, 8), a 2-epoch merger with PGD-2,
-# and AutoAttack as its two gradient attacks (APGD-CE + APGD-T) on 500 images: the standard version's
-# FAB-T and Square cost ~25 minutes more on these cores (measured: FAB-T and Square changed no verdict of
-# 100 images of the 8/255 net).
+# The honest laptop run on real CIFAR-10 in at most 30 minutes on 2 CPU cores, bf16 autocast where the CPU
+# has AVX512-BF16/AMX (detected, recorded in provenance). Chosen by accuracy per minute on these cores
+# (README "The cpu profile"): SmallCNN 32-32-64-64-128, 10,000 training images without augmentation (at five
+# epochs crop + flip cost clean accuracy in trials), a one-cycle schedule, PGD-2 training with step
+# 1.25 eps (PGD-3 was no better in trials and a quarter slower). Reduced against the paper: five budgets 0-8
+# step 2, a 3-member default stack (4, 6, 8), a 2-epoch merger with PGD-2, AutoAttack on the default merger
+# mode only and as its two gradient attacks (APGD-CE + APGD-T) on 500 images: the standard version's FAB-T
+# and Square would add about half an hour on these cores.
 CPU = Profile(
     name="cpu",
     data=DataConfig(name="cifar10-jpeg", train_size=10000, val_size=1000, test_size=1000, augment=False),
