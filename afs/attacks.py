@@ -377,8 +377,15 @@ class PGD:
         """Adversarial examples for ``(x, y)``: same shape/dtype/device as ``x``, in [0, 1] and the ball."""
         return self.perturb(x, y, seed=self.seed)
 
-    def perturb(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None) -> torch.Tensor:
-        """``attack(x, y)`` with an explicit seed for this call (``afs.evaluation`` seeds per batch)."""
+    def perturb(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None,
+                start: torch.Tensor | None = None) -> torch.Tensor:
+        """``attack(x, y)`` with an explicit seed for this call (``afs.evaluation`` seeds per batch).
+
+        ``start``: continue an earlier run of this threat model from its final iterate instead of drawing a
+        random start (one restart only). The loop is a function of its current iterate, so PGD-10's output
+        plus 10 more steps *is* PGD-20 from the same start, bit for bit: `afs.evaluation.evaluate` runs
+        PGD-10 and PGD-20 as one 20-step run this way.
+        """
         x = check_images(x)
         batch, device = x.shape[0], x.device
         y = check_labels(y, batch, device)
@@ -388,6 +395,14 @@ class PGD:
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
             raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
         x = x.detach()
+        if start is not None:
+            if self.restarts != 1:
+                raise ValueError(f"start= continues one run; this attack has restarts={self.restarts}")
+            start = check_images(start, "start")
+            if start.shape != x.shape or start.device != x.device:
+                raise ValueError(f"start must match x's shape {tuple(x.shape)} and device {x.device}, got "
+                                 f"{tuple(start.shape)} on {start.device}")
+            start = start.detach()
         if batch == 0:
             return x.clone()
         with eval_mode(self.model):
@@ -405,7 +420,7 @@ class PGD:
             gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
             best = best_loss = best_wrong = None
             for _ in range(self.restarts):
-                x_adv = self._run_once(x, y, eps, alpha, gen)
+                x_adv = self._run_once(x, y, eps, alpha, gen, start)
                 if self.restarts == 1:
                     return x_adv
                 with torch.no_grad():
@@ -438,8 +453,9 @@ class PGD:
             return afs_kernels.compiled_pgd_loop(self.model, backend=self.compile_backend)
         return functools.partial(afs_kernels.pgd_loop, self.model)
 
-    def _run_once(self, x: torch.Tensor, y: torch.Tensor, eps: Budget, alpha: Budget, gen: torch.Generator | None) -> torch.Tensor:
-        start = self._start(x, eps, gen)
+    def _run_once(self, x: torch.Tensor, y: torch.Tensor, eps: Budget, alpha: Budget, gen: torch.Generator | None,
+                  start: torch.Tensor | None = None) -> torch.Tensor:
+        start = self._start(x, eps, gen) if start is None else start
         # THE PGD loop (afs_kernels): input gradients only, summed CE; with clamp_box_each_step=False it
         # projects onto the ball each step and clamps to [0, 1] once after the loop (also for steps=0).
         kw = {"loss_fn": margin_loss} if self.loss is Loss.MARGIN else {}

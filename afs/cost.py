@@ -110,6 +110,22 @@ def attack_passes(name: str, aa_attacks: Sequence[str] = ()) -> float:
     return restarts * FWD_BWD * steps + (restarts if restarts > 1 else 0) + 1.0
 
 
+def evaluation_passes(attacks: Sequence[str], aa_attacks: Sequence[str] = ()) -> list[tuple[str, float]]:
+    """``(name, passes per image)`` of one `afs.evaluation.evaluate` call: its clean forward always runs
+    (attacks run on the clean-correct images; counted here as if on all, an upper bound), and its
+    single-restart PGDs form one chain, so PGD-10 + PGD-20 cost 20 steps (each a scoring forward more)."""
+    out: list[tuple[str, float]] = [("clean", 1.0)]
+    done = 0
+    for name in sorted((a for a in attacks if parse_attack(a)[0] == "pgd" and parse_attack(a)[2] == 1),
+                       key=lambda a: parse_attack(a)[1]):
+        steps = parse_attack(name)[1]
+        out.append((name, FWD_BWD * (steps - done) + 1.0))
+        done = steps
+    chained = {n for n, _ in out}
+    out += [(a, attack_passes(a, aa_attacks)) for a in attacks if a not in chained]
+    return out
+
+
 def _eps(budget: int | tuple[int, int]) -> float | tuple[float, float]:
     """A grid budget (1/255, or a random-budget range) in pixel units, as `Pipeline.extractor_dir` takes it."""
     return (eps_from_budget(budget[0]), eps_from_budget(budget[1])) if isinstance(budget, tuple) else eps_from_budget(budget)
@@ -163,15 +179,15 @@ def stages(profile: Profile) -> list[Stage]:
             Work(f"val clean + PGD-{k}", mc.epochs * n_val, FWD_BWD * k + 2 if alpha < 1 else 1, f))))
 
     def evaluation(group: str, key: str, where: str, attacks: Sequence[str], f: float) -> Stage:
-        return Stage(group, f"{key} [{where}]", tuple(Work(a, subset[where], attack_passes(a, ev.aa_attacks), f)
-                                                      for a in attacks))
+        return Stage(group, f"{key} [{where}]", tuple(Work(a, subset[where], n, f)
+                                                      for a, n in evaluation_passes(attacks, ev.aa_attacks)))
 
     # Tables I-III and VI, and the logit ensemble: clean / PGD-10 / PGD-20 on the test subset.
     table = ("clean", "pgd10", "pgd20")  # as Pipeline.run_extractors / stack_record / reproduce
     default = tuple(mc.stack)
     b8 = pipe.robust_budget()
     member = {b: pipe.key(pipe.extractor_dir(eps_from_budget(b))) for b in ec.budgets}
-    default_stacks = [pipe.key(pipe.stack_dir(default, mc.alpha, m)) for m in ("paired", "split")]
+    default_stacks = [pipe.key(pipe.stack_dir(default, mc.alpha, m)) for m in pipe.profile.experiments.merger_modes]
     the_stack = pipe.key(pipe.stack_dir(default, mc.alpha, mc.mode))  # what the curves and the audit attack
     stack_f = fwd() * len(default)
     for b in ec.budgets:
@@ -185,8 +201,8 @@ def stages(profile: Profile) -> list[Stage]:
             out.append(evaluation("evaluation", pipe.key(pipe.extractor_dir(_eps(budget), model)), "test",
                                   ("clean", "pgd20"), fwd(model)))
 
-    # Table IV: the default stack in both modes and the 8/255 network, every column on the AutoAttack subset.
-    for key in default_stacks if ev.aa_both_modes else [the_stack]:
+    # Table IV: the default stack in each merger mode and the 8/255 network, every column on the AutoAttack subset.
+    for key in default_stacks:
         out.append(evaluation("autoattack", key, "aa", ("clean", "pgd20", "aa"), stack_f))
     out.append(evaluation("autoattack", member[b8], "aa", ("clean", "pgd20", "aa"), fwd()))
 

@@ -113,8 +113,9 @@ def evaluate(
         eps, step_size: the threat model (paper: 8/255 and 2/255).
         batch_size: samples per batch for clean/PGD/FGSM (and AutoAttack's, unless ``aa_kwargs`` sets it).
         seed: fixes every random start. Batch b's PGD starts use a seed derived from (seed, b), shared by
-            all PGD variants in that batch (PGD-20's first 10 iterates are then PGD-10's): results repeat
-            for a seed and batch size, whatever order batches run in. AutoAttack gets ``seed`` itself.
+            all PGD variants in that batch (PGD-20's first 10 iterates are PGD-10's, so the two run as one
+            20-step chain): results repeat for a seed and batch size, whatever order batches run in.
+            AutoAttack gets ``seed`` itself.
         device: where the model runs; default its parameters' device.
         progress: show a tqdm bar over batches.
         aa_kwargs: extra keywords for :func:`afs.attacks.autoattack` (``version``, ``state_path``, ...).
@@ -130,6 +131,8 @@ def evaluate(
             its own seed), leaving the other samples' flags False; `afs.distributed.sharded_evaluate` gives
             each rank its share this way. ``None``: every batch.
 
+    An image counts as correct under an attack only if it is also classified correctly clean (robust
+    accuracy never exceeds clean accuracy, as in AutoAttack); the attacks run on those images only.
     The model is in eval mode throughout; every submodule's mode is restored afterwards.
     """
     if not isinstance(model, nn.Module):
@@ -176,14 +179,24 @@ def evaluate(
         from afs.runs import AutocastModel
 
         source, aa_model = AutocastModel(source, dev.type), AutocastModel(model, dev.type)
+    # Single-restart CE PGDs share a batch's random start, so they form one chain: the shortest runs from
+    # the start, each longer one continues from the previous one's output for the remaining steps (PGD-10
+    # then 10 more steps = PGD-20, bit for bit; `PGD.perturb(start=)`), and PGD-10 + PGD-20 cost 20 steps.
+    chain = sorted((k for k in kinds if kinds[k][0] == "pgd" and kinds[k][2] == 1), key=lambda k: kinds[k][1])
     objs: dict[str, PGD] = {}
+    done_steps = 0
+    for key in chain:
+        steps = kinds[key][1]
+        objs[key] = PGD(source, eps=eps, alpha=step_size, steps=steps - done_steps, compile=compile)
+        done_steps = steps
     for key, (kind, steps, restarts) in kinds.items():
-        if kind in ("pgd", "cw"):
+        if kind in ("pgd", "cw") and key not in objs:
             objs[key] = PGD(source, eps=eps, alpha=step_size, steps=steps, random_start=True, restarts=restarts,
                             compile=compile and kind == "pgd", loss="ce" if kind == "pgd" else "margin")
         elif kind == "fgsm":
             objs[key] = FGSM(source, eps=eps, compile=compile)
     batched = [k for k in names if kinds[k][0] != "aa"]
+    attacked = chain + [k for k in batched if k not in chain and k != "clean"]
     correct = {k: torch.zeros(n, dtype=torch.bool) for k in names}
 
     with eval_mode(model), eval_mode(source):
@@ -199,13 +212,26 @@ def evaluate(
                     xb = _to_unit(x[sl].to(dev, non_blocking=True))
                     yb = y[sl].to(dev, non_blocking=True)
                     bseed = _batch_seed(seed, b)
-                    for key in batched:
-                        if kinds[key][0] == "clean":
-                            x_eval = xb
-                        else:
-                            x_eval = objs[key].perturb(xb, yb, seed=bseed)
-                        with torch.no_grad():
-                            correct[key][sl] = (model(x_eval).argmax(1) == yb).cpu()
+                    # Robust accuracy is the share of images classified correctly at *every* point of the
+                    # ball, the clean image included: an image the model gets wrong clean is not robust
+                    # under any attack (AutoAttack counts the same way). So the attacks run on the images
+                    # the model classifies correctly, which also saves their cost on the rest.
+                    with torch.no_grad():
+                        right = (model(xb).argmax(1) == yb).cpu()
+                    if "clean" in correct:
+                        correct["clean"][sl] = right
+                    idx = right.nonzero().squeeze(1)
+                    if attacked and len(idx) > 0:
+                        xs, ys = xb[idx.to(xb.device)], yb[idx.to(yb.device)]
+                        rows = torch.arange(sl.start, sl.stop)[idx]
+                        x_prev = None
+                        for key in attacked:
+                            if key in chain:
+                                x_eval = x_prev = objs[key].perturb(xs, ys, seed=bseed, start=x_prev)
+                            else:
+                                x_eval = objs[key].perturb(xs, ys, seed=bseed)
+                            with torch.no_grad():
+                                correct[key][rows] = (model(x_eval).argmax(1) == ys).cpu()
                     bar.update(1)
                     if batches is None:  # running accuracy over the prefix done so far
                         bar.set_postfix({k: f"{100.0 * correct[k][: sl.stop].float().mean().item():.1f}" for k in batched})

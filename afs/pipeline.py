@@ -324,7 +324,7 @@ class Pipeline:
         extractors: list[tuple[int | tuple[int, int], ModelConfig | None]] = [(b, None) for b in p.extractor.budgets]
         extractors += [(tuple(p.experiments.random_budget_range), None), (b8, wide)]  # Table VI ablations
         default = tuple(p.merger.stack)
-        stacks = [(default, p.merger.alpha, "paired"), (default, p.merger.alpha, "split")]
+        stacks = [(default, p.merger.alpha, m) for m in p.experiments.merger_modes]
         stacks += [(default, a, "paired") for a in p.experiments.alphas]
         stacks += [(tuple(p.stack_for_mask(m)), p.merger.alpha, "paired") for m in p.experiments.masks]
         return extractors, list(dict.fromkeys(stacks))  # de-duplicated, order kept
@@ -373,7 +373,7 @@ class Pipeline:
                                    "provenance": {**manifest(self.device), "numerics": self.numerics}}
         summary["extractors"] = self.run_extractors()
 
-        # The default stack in both merger modes (AutoAttack on both), the alpha sweep, the stacking sets.
+        # The default stack in each merger mode (AutoAttack on each), the alpha sweep, the stacking sets.
         stacks: dict[str, dict[str, Any]] = {}
 
         def add(budgets: Sequence[int], alpha: float, mode: str, tag: str, aa: bool = False) -> None:
@@ -382,8 +382,8 @@ class Pipeline:
                 stacks[name] = {**self.stack_record(budgets, alpha, mode, aa=aa), "tags": stacks.get(name, {}).get("tags", [])}
             stacks[name]["tags"].append(tag)
 
-        for mode in ("paired", "split"):
-            add(default, p.merger.alpha, mode, f"default-{mode}", aa=mode == p.merger.mode or p.evaluation.aa_both_modes)
+        for mode in p.experiments.merger_modes:
+            add(default, p.merger.alpha, mode, f"default-{mode}", aa=True)
         for a in p.experiments.alphas:
             add(default, a, "paired", "alpha-sweep")
         for mask in p.experiments.masks:
@@ -676,9 +676,10 @@ def validate_summary(summary: dict[str, Any]) -> None:
         if "aa" in s:
             need(pct(s["aa"]), f"stacks[{i}].aa must be a percentage")
     defaults = [s for s in summary["stacks"] if any(t.startswith("default-") for t in s["tags"])]
-    mode, both = summary["config"]["merger"]["mode"], summary["config"]["evaluation"].get("aa_both_modes", True)
-    need(len(defaults) == 2 and all("aa" in s for s in defaults if both or f"default-{mode}" in s["tags"]),
-         "the default stack needs both merger modes, with AutoAttack on the profile's mode (on both: aa_both_modes)")
+    modes = summary["config"]["experiments"].get("merger_modes", ["paired", "split"])
+    need(sorted(t for s in defaults for t in s["tags"] if t.startswith("default-")) == sorted(f"default-{m}" for m in modes)
+         and all("aa" in s for s in defaults),
+         f"the default stack needs one record per merger mode {list(modes)}, each with AutoAttack")
     for row in summary["comparison"]["rows"]:
         need(all(pct(row.get(k)) for k in ("clean", "pgd", "aa", "tradeoff")), f"comparison row {row.get('method')}")
     need(len(summary["ablation"]) == 4, "ablation needs 4 rows (Table VI)")

@@ -52,7 +52,7 @@ p = get_profile("paper")
 b8 = 8 if 8 in p.extractor.budgets else max(p.extractor.budgets)
 for b in p.extractor.budgets:  # Table I; AutoAttack on the PGD-AT baseline (Table IV)
     print(f"--budget {b} --attacks clean,pgd10,pgd20" + (",aa" if b == b8 else ""))
-stacks = [(tuple(p.merger.stack), p.merger.alpha, m, True) for m in ("paired", "split")]
+stacks = [(tuple(p.merger.stack), p.merger.alpha, m, True) for m in p.experiments.merger_modes]
 stacks += [(tuple(p.merger.stack), a, "paired", False) for a in p.experiments.alphas]
 stacks += [(p.stack_for_mask(m), p.merger.alpha, "paired", False) for m in p.experiments.masks]
 seen = set()

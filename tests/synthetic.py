@@ -67,7 +67,8 @@ def synthetic_summary(profile: str = "cpu", *, aa: bool = True, invert: bool = F
 
     in_sweep = p.merger.alpha in p.experiments.alphas
     stack(default, p.merger.alpha, "paired", ["default-paired"] + (["alpha-sweep"] if in_sweep else []), True)
-    stack(default, p.merger.alpha, "split", ["default-split"], True)
+    if "split" in p.experiments.merger_modes:
+        stack(default, p.merger.alpha, "split", ["default-split"], True)
     for a in p.experiments.alphas:
         if a != p.merger.alpha:
             stack(default, a, "paired", ["alpha-sweep"])

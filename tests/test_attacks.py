@@ -258,6 +258,18 @@ def test_seed_determinism(net):
     assert torch.equal(first, g(x, y))
 
 
+def test_continuing_from_an_iterate_is_the_longer_run(net):
+    # PGD-10's output plus 10 more steps is PGD-20 from the same start, bit for bit (evaluate relies on it).
+    x, y = toys.make_data(16)
+    ten = PGD(net, eps=EPS_MID, alpha=ALPHA_MID, steps=10).perturb(x, y, seed=3)
+    more = PGD(net, eps=EPS_MID, alpha=ALPHA_MID, steps=10).perturb(x, y, seed=None, start=ten)
+    assert torch.equal(more, PGD(net, eps=EPS_MID, alpha=ALPHA_MID, steps=20).perturb(x, y, seed=3))
+    with pytest.raises(ValueError, match="restarts=2"):
+        PGD(net, restarts=2).perturb(x, y, seed=0, start=ten)
+    with pytest.raises(ValueError, match="start must match"):
+        PGD(net).perturb(x, y, seed=0, start=ten[:4])
+
+
 def test_repr_shows_settings(net):
     r = repr(PGD(net, steps=20, restarts=2, seed=1, init="triangular", clamp="end"))
     for part in ("eps=0.0314 (8/255)", "alpha=0.0078 (2/255)", "steps=20", "norm=Linf", "random_start=True",

@@ -23,7 +23,7 @@ def test_stages_match_the_pipeline_grid(name):
     assert sum(s.group == "merger" for s in found) == len(mergers)
     # AutoAttack on the default stack (in both merger modes, or the profile's) and the 8/255 network.
     aa = [w for s in found if s.group == "autoattack" for w in s.work if w.what == "aa"]
-    assert len(aa) == (3 if p.evaluation.aa_both_modes else 2)
+    assert len(aa) == len(p.experiments.merger_modes) + 1
     assert all(w.images == min(p.evaluation.aa_size or 10_000, p.data.test_size or 10_000) for w in aa)
     assert all(s.flops > 0 for s in found)
 

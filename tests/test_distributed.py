@@ -108,7 +108,9 @@ def _ddp_rank(rank: int, world: int, port: int, root: str) -> None:
     torch.save(aa.correct, out / f"aa_rank{rank}.pt")
     # A rank that dies: rank 1 leaves without the barrier; rank 0 must fail, not wait forever.
     if rank == 1:
-        return
+        # Gone at once, as a crashed rank is: a plain return would run the process group's destructors at
+        # interpreter exit, and gloo aborts there now and then (SIGABRT) while its peer is still connected.
+        os._exit(0)
     t0 = time.time()
     try:
         D.barrier()

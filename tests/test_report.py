@@ -108,7 +108,7 @@ def test_table_builders_on_a_summary():
     t2 = report.alpha_table(s)
     assert "alpha=0.5" in t2 and "alpha=0.2" in t2  # run-only row and paper-only row both shown
     t3 = report.mask_table(s)
-    assert "ends (100000001)" in t3 and "mask 10001" in t3 and "mask 11111" in t3
+    assert "ends (100000001)" in t3 and "mask 10001" in t3 and "ends+middle (100010001)" in t3 and "mask 10101" in t3
     t4 = report.comparison_table(s)
     assert "PGD-AT" in t4 and "AFS" in t4 and "64" in t4
     t6 = report.ablation_table(s)
