@@ -185,6 +185,9 @@ def check_images(x: Any, name: str = "x") -> torch.Tensor:
             f"{name} must be a floating tensor in [0, 1], got dtype {x.dtype} "
             "(uint8 images: divide by 255, or use afs.evaluation.evaluate which converts them)"
         )
+    if x.dtype == torch.float64:
+        raise TypeError(f"{name} is float64; the networks hold float32 weights, so give float32 images "
+                        "(x.float()); bf16 runs through autocast, not through the input's dtype")
     if x.dim() != 4:
         raise ValueError(f"{name} must be a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}")
     if x.numel() > 0:
@@ -357,14 +360,17 @@ class PGD:
             raise ValueError(f"seed must be an int >= 0 or None, got {seed!r}")
         self.steps, self.restarts, self.seed = steps, restarts, seed
         self.norm = _parse_norm(norm)
-        self.random_start = bool(random_start)
+        if not isinstance(random_start, bool):  # bool("no") is True: a string would silently mean "yes"
+            raise TypeError(f"random_start must be True or False, got {random_start!r}")
+        self.random_start = random_start
         self.init = Init.parse(init, "init")
         self.clamp = Clamp.parse(clamp, "clamp")
         self.compile, self.compile_backend = bool(compile), compile_backend
         self.loss = Loss.parse(loss, "loss")
         if self.loss is Loss.MARGIN and self.compile:
             raise ValueError("loss='margin' runs in the eager loop only; use compile=False")
-        self._n_classes: int | None = None  # learnt from the model on the first call
+        self._n_classes: int | None = None  # learnt from the model on the first call ...
+        self._probed: nn.Module | None = None  # ... of this model (a swapped-in model is probed again)
 
     def __repr__(self) -> str:
         return (
@@ -406,7 +412,7 @@ class PGD:
         if batch == 0:
             return x.clone()
         with eval_mode(self.model):
-            if self._n_classes is None:
+            if self._n_classes is None or self._probed is not self.model:
                 # One-sample probe, once per attack object (not per batch: training calls this every step):
                 # the class count, to check y before the loop.
                 with torch.no_grad():
@@ -414,7 +420,7 @@ class PGD:
                 if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
                     got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
                     raise ValueError(f"the model must return logits of shape (B, n_classes), got {got}")
-                self._n_classes = int(probe.shape[1])
+                self._n_classes, self._probed = int(probe.shape[1]), self.model
             check_labels(y, batch, device, n_classes=self._n_classes)
             # One generator per call, on the data's device, so a seed fixes every draw of every restart.
             gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None

@@ -13,12 +13,18 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any, Sequence
 
 __all__ = ["main"]
 
 
+def _debug(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="on an error, show the full traceback, not one line")
+
+
 def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
+    _debug(p)
     p.add_argument("--profile", default=None,
                    help="smoke | cpu | quick | paper (default: $AFS_PROFILE, else quick with a GPU, cpu without)")
     p.add_argument("--data-root", default=None, help="folder holding the data set (default: $AFS_DATA, else ./data)")
@@ -30,6 +36,14 @@ def _common(p: argparse.ArgumentParser, out: bool = True) -> None:
                         "OUT/<profile>-seed<N>/ so they never mix with the profile's own")
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bars (they are shown only when stderr is a terminal; stage lines stay)")
+    _set(p)
+
+
+def _set(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="change one profile field, e.g. --set merger.epochs=8 --set extractor.budgets=0,4,8 "
+                        "(repeatable; checked against the profile's fields; such runs go to "
+                        "OUT/<profile>-set<hash>/ and record the changes in config.json)")
 
 
 def _scale_out(p: argparse.ArgumentParser, worker: bool = True, ddp: bool = True) -> None:
@@ -58,9 +72,17 @@ def _budget_or_range(text: str) -> int | tuple[int, int]:
 
 def _budgets(text: str) -> list[int]:
     try:
-        return [int(b) for b in text.replace(",", " ").split()]
+        budgets = [int(b) for b in text.replace(",", " ").split()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"budgets are integers in 1/255 units, e.g. '3,4,5,6,7,8'; got {text!r}") from None
+    if not budgets:
+        raise argparse.ArgumentTypeError("no budgets given; list the members in 1/255, e.g. '3,4,5,6,7,8'")
+    twice = sorted({b for b in budgets if budgets.count(b) > 1})
+    if twice:
+        raise argparse.ArgumentTypeError(f"budget(s) {twice} given twice in {text!r}: a stack holds each network once")
+    if any(b < 0 for b in budgets):
+        raise argparse.ArgumentTypeError(f"budgets are >= 0 (1/255 units); got {text!r}")
+    return budgets
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("notebooks", help="execute the notebooks top to bottom into an output folder",
                        description="Run notebooks/NN_*.ipynb in order under a profile; executed copies go to OUT/.")
+    _debug(p)
     p.add_argument("--profile", default=None, help="profile (default: $AFS_PROFILE, else quick with a GPU, cpu without)")
     p.add_argument("--out", default="out", help="folder for executed notebooks and figures (default: out)")
     p.add_argument("--notebooks", default="notebooks", help="folder holding the notebooks (default: notebooks)")
@@ -121,9 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("profiles", help="print the profiles as JSON, or what one costs (--estimate)",
                        description="Print every profile's settings; with --estimate, the predicted compute time of "
                                    "each stage of one profile's 'afs reproduce' and the total (afs/cost.py).")
+    _debug(p)
     p.add_argument("--estimate", action="store_true", help="predict each stage's time from FLOP counts instead")
     p.add_argument("--profile", default=None,
                    help="with --estimate: the profile (default: $AFS_PROFILE, else quick with a GPU, cpu without)")
+    _set(p)
     p.add_argument("--device-kind", choices=("cpu", "h200"), default=None,
                    help="with --estimate: h200 (an assumed 100-180 TFLOP/s) or cpu (measured here, a few seconds); "
                         "default h200 with a GPU, cpu without")
@@ -131,28 +156,75 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from afs.runs import RunConfigMismatchError, StageBusyError
+
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, FileNotFoundError, TypeError) as e:  # our own clear errors: no traceback
-        print(f"afs {args.command}: error: {e}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, RunConfigMismatchError, StageBusyError) as e:
+        # Our own errors say what is wrong and how to go on; a file-system error names its path. One line
+        # each (--debug shows the traceback).
+        if args.debug:
+            raise
+        print(f"afs {args.command}: error: {_message(e)}", file=sys.stderr)
         return 2
+
+
+def _message(e: BaseException) -> str:
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.filename is not None:
+        return (f"cannot use {e.filename}: {e.strerror or e}; check that --out (and --data-root) name writable "
+                f"folders")
+    return str(e)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before any work (loading data, training): a bad one costs nothing."""
+    if getattr(args, "attacks", None) is not None:
+        from afs.evaluation import parse_attack
+
+        names = [a.strip() for a in args.attacks.split(",") if a.strip()]
+        if not names:
+            raise ValueError("--attacks is empty; give e.g. clean,pgd10,pgd20 (forms: clean, fgsm, aa, pgdK, pgdKxR, cwK)")
+        for a in names:
+            parse_attack(a)  # ValueError naming the valid forms
+    if getattr(args, "alpha", None) is not None and not 0.0 <= args.alpha <= 1.0:
+        raise ValueError(f"--alpha weighs the clean term of Eq. 5 and must lie in [0, 1], got {args.alpha}")
+    if getattr(args, "device", None) is not None:
+        import torch
+
+        try:
+            dev = torch.device(args.device)
+        except RuntimeError:
+            raise ValueError(f"--device {args.device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: this machine has no usable CUDA device "
+                             "(torch.cuda.is_available() is False); use --device cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if getattr(args, "out", None) is not None and args.command != "notebooks":
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} is a file, not a folder")
+        out.mkdir(parents=True, exist_ok=True)  # PermissionError -> one line naming it
+        if not os.access(out, os.W_OK):
+            raise ValueError(f"--out {out} is not writable; choose another folder")
 
 
 def _run(args: argparse.Namespace) -> int:
     from afs.config import PROFILES, get_profile
 
+    _check_args(args)
     if args.command == "profiles":
         if not args.estimate:
-            if args.profile is not None or args.device_kind is not None:
-                raise ValueError("--profile and --device-kind go with --estimate")
+            if args.profile is not None or args.device_kind is not None or args.set:
+                raise ValueError("--profile, --set and --device-kind go with --estimate")
             print(json.dumps({k: v.to_dict() for k, v in PROFILES.items()}, indent=2))
             return 0
         import torch
 
         from afs import cost
 
-        profile = get_profile(args.profile)
+        profile = get_profile(args.profile).with_overrides(args.set)
         kind = args.device_kind or ("h200" if torch.cuda.is_available() else "cpu")
         print(cost.format_estimate(profile, cost.stages(profile), cost.throughput_for(kind, profile)))
         return 0
@@ -174,7 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     if ranks > 1 and args.command == "reproduce" and not worker:
         raise ValueError("under torchrun 'afs reproduce' needs --worker (each rank then works on its own GPU, sharing "
                          "the stages); for data-parallel training of one stage use 'train-extractor'")
-    profile = get_profile(args.profile)
+    profile = get_profile(args.profile).with_overrides(args.set)
     if getattr(args, "seed", None) is not None:
         if args.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {args.seed}")

@@ -23,7 +23,7 @@ import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 __all__ = [
     "DataConfig",
@@ -190,6 +190,9 @@ class Profile:
     # cuDNN/cuBLAS deterministic algorithms (slower). Off, a CUDA run repeats its data order and attack noise
     # but not the last bits of its weight gradients; the CPU path is deterministic either way.
     deterministic: bool = False
+    # The `--set section.field=value` changes this profile carries against the named one, as given; its runs
+    # then live in their own folder (`afs.pipeline.run_name`), never mixed with the named profile's.
+    overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -231,6 +234,73 @@ class Profile:
     def replace(self, **changes: Any) -> "Profile":
         """A copy with top-level fields replaced (``p.replace(merger=...)``)."""
         return dataclasses.replace(self, **changes)
+
+    def with_overrides(self, sets: Sequence[str]) -> "Profile":
+        """This profile with ``section.field=value`` changes (``merger.epochs=8``, ``extractor.budgets=0,4,8``,
+        ``evaluation.eps=8/255``, ``seed=1``), each checked against the dataclasses: an unknown section or
+        field, or a value of the wrong type, is a ValueError naming it; the result is validated as a whole.
+        The changes are recorded in ``overrides`` (so in every ``config.json`` and summary)."""
+        p, sections, top, given = self, {}, {}, []
+        for item in sets:
+            key, sep, text = str(item).partition("=")
+            section, _, name = key.strip().rpartition(".")
+            if not sep or not name:
+                raise ValueError(f"--set {item!r}: expected section.field=value, e.g. merger.epochs=8 or seed=1")
+            if section:
+                known = {f.name for f in dataclasses.fields(Profile) if dataclasses.is_dataclass(getattr(p, f.name))}
+                if section not in known:
+                    raise ValueError(f"--set {key}: unknown section {section!r}; sections: {sorted(known)}")
+                owner = getattr(p, section)
+            else:
+                owner = p
+            fields = {f.name for f in dataclasses.fields(owner)} - {"name", "overrides"}
+            if name not in fields or dataclasses.is_dataclass(getattr(owner, name)):
+                raise ValueError(f"--set {key}: {type(owner).__name__} has no field {name!r}; fields: "
+                                 f"{sorted(f for f in fields if not dataclasses.is_dataclass(getattr(owner, f)))}")
+            value = _parse_value(text.strip(), typing.get_type_hints(type(owner))[name], key)
+            (sections.setdefault(section, {}) if section else top)[name] = value
+            given.append(f"{key.strip()}={text.strip()}")
+        if not given:
+            return self
+        # All changes at once, then one validation of the whole (a stack and its budgets may change together).
+        changed = {s: dataclasses.replace(getattr(self, s), **c) for s, c in sections.items()}
+        return dataclasses.replace(self, **changed, **top, overrides=(*self.overrides, *given))
+
+
+def _parse_value(text: str, hint: Any, key: str) -> Any:
+    """``text`` as a value of type ``hint`` (int, float incl. ``a/b``, bool, str, ``X | None``, tuples)."""
+    args = typing.get_args(hint)
+    if type(None) in args:
+        if text.lower() in ("none", "null"):
+            return None
+        (hint,) = [a for a in args if a is not type(None)]
+        args = typing.get_args(hint)
+    origin = typing.get_origin(hint)
+    try:
+        if origin is tuple:
+            items = [t.strip() for t in text.split(",") if t.strip()]
+            types = [args[0]] * len(items) if len(args) == 2 and args[1] is Ellipsis else list(args)
+            if len(types) != len(items):
+                raise ValueError(f"{len(types)} comma-separated values")
+            return tuple(_parse_value(t, h, key) for t, h in zip(items, types))
+        if hint is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError("true or false")
+            return text.lower() in ("true", "1", "yes")
+        if hint is int:
+            return int(text)
+        if hint is float:
+            num, sep, den = text.partition("/")
+            return float(num) / float(den) if sep else float(text)
+        if hint is str:
+            return text
+    except (ValueError, ZeroDivisionError) as e:
+        raise ValueError(f"--set {key}={text}: expected {_type_name(hint)} ({e})") from None
+    raise ValueError(f"--set {key}: a field of type {hint} cannot be set from the command line")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", str(hint))
 
 
 def _from_dict(cls: type, d: Any) -> Any:

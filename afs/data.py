@@ -23,12 +23,15 @@ ships it; torchvision 0.29 deprecates its image codecs, so PIL (a declared depen
 from __future__ import annotations
 
 import contextlib
+import functools
+import gzip
 import hashlib
 import io
 import os
 import tarfile
 import tempfile
 import warnings
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
@@ -185,6 +188,13 @@ class ImageData:
             name=self.name,
             split=self.split if split is None else split,
         )
+
+    @functools.cached_property
+    def sha(self) -> str:
+        """Content hash of the images and labels (16 hex digits): the identity of the data a stage read."""
+        from afs.io import tensor_hash
+
+        return tensor_hash(self.images, self.labels)
 
     def class_counts(self) -> Tensor:
         """Images per class, int64 ``(len(classes),)``."""
@@ -455,6 +465,16 @@ def _read_archive(archive: Path, split: Split) -> list[_JpegFile]:
     files: list[_JpegFile] = []
     class_dirs: set[str] = set()
     # "r|*": sequential stream with any compression; a gzip tar cannot be read faster than front to back.
+    try:
+        return _read_stream(archive, split, files, class_dirs)
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:
+        from afs.io import CorruptFileError
+
+        raise CorruptFileError(archive, f"a damaged or truncated archive: {err}",
+                               "Copy the archive again from where it came from; the decoded cache is rebuilt from it") from None
+
+
+def _read_stream(archive: Path, split: Split, files: list[_JpegFile], class_dirs: set[str]) -> list[_JpegFile]:
     with tarfile.open(archive, "r|*") as tar:
         for member in tar:
             parts = [p for p in PurePosixPath(member.name).parts if p not in (".", "/")]

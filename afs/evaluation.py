@@ -23,7 +23,11 @@ from tqdm.auto import tqdm
 
 from afs.attacks import FGSM, PGD, autoattack, check_images, check_labels, eval_mode, model_device
 
-__all__ = ["EvalResult", "evaluate", "robustness_curve", "trade_off", "parse_attack", "attack_key"]
+__all__ = ["EvalResult", "evaluate", "robustness_curve", "trade_off", "parse_attack", "attack_key", "PROTOCOL"]
+
+# The version of what an accuracy means, part of every cached evaluation's identity (`afs.pipeline`): 2 =
+# an image is robust only if it is also right clean, and PGD-K's of one call share a start (one chain).
+PROTOCOL = 2
 
 _PGD_NAME = re.compile(r"(pgd|cw)([1-9][0-9]*)(?:x([1-9][0-9]*))?")
 _VALID_FORMS = ("'clean', 'fgsm', 'aa' (AutoAttack), 'pgdK' with K >= 1 steps (e.g. 'pgd10', 'pgd20'), "

@@ -15,7 +15,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "read_json", "manifest", "git_sha"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "read_json", "load_torch", "CorruptFileError",
+           "tensor_hash", "state_hash", "manifest", "git_sha"]
+
+
+class CorruptFileError(ValueError):
+    """A run file that cannot be read (truncated, not JSON, not a torch file): names the file and the remedy."""
+
+    def __init__(self, path: Path, why: str, remedy: str | None = None) -> None:
+        self.path = Path(path)
+        remedy = remedy or (f"Delete the stage folder {self.path.parent} to redo that stage (finished stages "
+                            f"elsewhere are kept)")
+        super().__init__(f"{self.path} cannot be read ({why}); it was probably cut short by a crash or a full disk. "
+                         f"{remedy}")
 
 
 def _atomic_write(path: Path, write: Any) -> None:
@@ -50,7 +62,54 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 def read_json(path: Path) -> Any:
-    return json.loads(Path(path).read_text())
+    """A JSON file's content; `CorruptFileError` naming the file when it is not JSON (e.g. truncated)."""
+    text = Path(path).read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CorruptFileError(path, f"not valid JSON: {e.msg} at line {e.lineno}") from None
+
+
+def load_torch(path: Path, map_location: Any = None) -> Any:
+    """``torch.load(path, weights_only=True)``; `CorruptFileError` naming the file when it cannot be read."""
+    import pickle
+    import zipfile
+
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, pickle.UnpicklingError) as e:
+        if not Path(path).is_file():
+            raise
+        raise CorruptFileError(path, f"not a complete torch file: {str(e).splitlines()[0][:120]}") from None
+
+
+def tensor_hash(*tensors: Any) -> str:
+    """A short content hash (sha256, 16 hex digits) of tensors: dtype, shape and bytes, in order."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().cpu().contiguous()
+        h.update(f"{t.dtype}{tuple(t.shape)}".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def state_hash(module: Any) -> str:
+    """Content hash of a module's weights and buffers (its ``state_dict``, by name): what identifies a
+    trained network to the stages that consume it, whatever file it was loaded from."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in sorted(module.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor_hash(t).encode())
+    return h.hexdigest()[:16]
 
 
 def _json_default(o: Any) -> Any:

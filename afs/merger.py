@@ -15,9 +15,11 @@ under ``no_grad`` and the merger is trained on them (the backward pass never ent
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -26,10 +28,10 @@ from afs_kernels._common import LenientStrEnum
 from afs.attacks import PGD
 from afs.config import Profile
 from afs.data import DeviceLoader
-from afs.io import atomic_torch_save
+from afs.io import atomic_torch_save, load_torch, state_hash
 from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate, lr_schedule
 from afs.stacking import StackedModel
-from afs.training import TrainData
+from afs.training import TrainData, stage_data
 
 __all__ = ["MergerMode", "train_merger", "split_count", "save_merger", "load_merger"]
 
@@ -52,7 +54,7 @@ def save_merger(stack: StackedModel, path: str | Path, **extra: object) -> None:
 
 def load_merger(stack: StackedModel, path: str | Path) -> StackedModel:
     """Load merger weights into ``stack``; the checkpoint must describe the same feature blocks."""
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    payload = load_torch(path, map_location="cpu")
     if not isinstance(payload, dict) or payload.get("format") != "afs-merger/1":
         raise ValueError(f"{path} is not an afs merger checkpoint")
     if tuple(payload["feature_dims"]) != stack.feature_dims:
@@ -63,6 +65,17 @@ def load_merger(stack: StackedModel, path: str | Path) -> StackedModel:
                          f"this stack has {list(stack.budgets)}")
     stack.merger.load_state_dict(payload["state_dict"])
     return stack
+
+
+def merger_identity(config: Profile, data: TrainData, stack: StackedModel, alpha: float, mode: str) -> dict[str, Any]:
+    """Everything a merger's training depends on (its ``config.json``): alpha, mode, the merger settings (the
+    profile's default stack, alpha and mode aside: this stage's own are recorded), the data by content, and
+    each member by the content hash of its weights, so a retrained member makes the old merger unusable."""
+    mc = {k: v for k, v in dataclasses.asdict(config.merger).items() if k not in ("stack", "alpha", "mode")}
+    return {"stage": "merger", "alpha": alpha, "mode": mode, "budgets": list(stack.budgets or ()),
+            "feature_dims": list(stack.feature_dims), "members": [state_hash(m) for m in stack.extractors],
+            "merger": mc, "data": stage_data(config, data), "seed": config.seed, "precision": config.precision,
+            "deterministic": config.deterministic}
 
 
 def train_merger(
@@ -101,10 +114,11 @@ def train_merger(
     device = torch.device(device) if device is not None else next(stack.parameters()).device
     stack = stack.to(device)
     run = RunDir(run_dir)
+    identity = merger_identity(config, data, stack, alpha, mode.value)
+    run.check(identity)  # first: a merger over other members, settings or data is never handed back
     if run.is_complete():
         return load_merger(stack, run.best).eval()
-    run.start({"stage": "merger", "alpha": alpha, "mode": mode.value, "budgets": list(stack.budgets or ()),
-               "feature_dims": list(stack.feature_dims), "profile": config.to_dict()}, device)
+    run.start(identity, device)
     configure_numerics(config.precision, config.deterministic, device)
 
     seed = config.seed * 7919 + round(alpha * 1000) + (1 if mode is MergerMode.SPLIT else 0)

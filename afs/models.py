@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from afs.io import load_torch
+
 __all__ = [
     "WideResNet",
     "PreActResNet18",
@@ -325,7 +327,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
-    payload = torch.load(path, map_location=map_location, weights_only=True)
+    payload = load_torch(path, map_location=map_location)  # a truncated file: an error naming it and the remedy
     if not isinstance(payload, dict) or payload.get("format") != "afs-model/1":
         raise ValueError(f"{path} is not an afs model checkpoint (missing format tag 'afs-model/1')")
     return payload

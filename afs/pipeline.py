@@ -20,6 +20,7 @@ import dataclasses
 import json
 import time
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence, TypeVar
@@ -32,12 +33,13 @@ from afs.attacks import AutoAttackWarning
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
 from afs.distributed import ClaimSettings, ClaimStatus, barrier, is_distributed, is_main, run_claimed, sharded_evaluate
+from afs.evaluation import PROTOCOL as EVAL_PROTOCOL
 from afs.evaluation import evaluate, trade_off
-from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
+from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json, state_hash
 from afs.merger import MergerMode, train_merger
 from afs.models import build_model, count_flops, count_parameters
 from afs.stacking import LogitEnsemble, StackedModel
-from afs.runs import configure_numerics
+from afs.runs import RunDir, configure_numerics
 from afs.training import TrainData, budget_name, train_extractor
 
 __all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "SUMMARY_VERSION"]
@@ -122,7 +124,9 @@ class Pipeline:
         self.numerics = configure_numerics(profile.precision, profile.deterministic, self.device)
         self._data: ProfileData | None = None
         self._models: dict[str, nn.Module] = {}
+        self._hashes: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
         self.timings: dict[str, float] = {}
+        self.reused: set[str] = set()  # stages (and evaluations) found finished on disk, not computed here
 
     # --- data and trained artifacts ---------------------------------------------------------------
     @property
@@ -148,14 +152,24 @@ class Pipeline:
         d = self.extractor_dir(eps, model_config)
         key = str(d)
         if key not in self._models:
+            if (d / "metrics.json").is_file():
+                self.reused.add(self.key(d))
             t0 = progress.begin("train", self.key(d))  # the terminal's stage lines (afs reproduce)
-            model = self._claimed(d, lambda: train_extractor(self.profile, self.data.train, eps, run_dir=d, device=self.device,
-                                                             model_config=model_config, progress=self.progress), wait)
+            model = self._claimed(d, lambda: self._locked(d, lambda: train_extractor(
+                self.profile, self.data.train, eps, run_dir=d, device=self.device, model_config=model_config,
+                progress=self.progress)), wait)
             if model is None:  # another live worker holds it (only when not waiting)
                 return None
             self._models[key] = model
             self._time(f"train {d.name}", t0)
         return self._models[key]
+
+    @staticmethod
+    def _locked(d: Path, work: Callable[[], _T]) -> _T:
+        """``work()`` while holding stage ``d``'s lock: one process trains or evaluates a stage at a time,
+        a second one waits (told who holds it) and then finds the stage done."""
+        with RunDir(d).lock():
+            return work()
 
     def _claimed(self, d: Path, build: Callable[[], _T], wait: bool) -> _T | None:
         """``build()`` (train or load the stage in ``d``), under the stage's claim when the dir is shared."""
@@ -185,9 +199,12 @@ class Pipeline:
         if key not in self._models:
             members = [self.extractor(b) for b in budgets]
             stack = StackedModel(members, len(self.data.test.classes), budgets=tuple(budgets)).to(self.device)
+            if (d / "metrics.json").is_file():
+                self.reused.add(self.key(d))
             t0 = progress.begin("train", self.key(d))
-            merged = self._claimed(d, lambda: train_merger(stack, self.profile, self.data.train, alpha, mode, run_dir=d,
-                                                           device=self.device, progress=self.progress), wait)
+            merged = self._claimed(d, lambda: self._locked(d, lambda: train_merger(
+                stack, self.profile, self.data.train, alpha, mode, run_dir=d, device=self.device,
+                progress=self.progress)), wait)
             if merged is None:  # another live worker holds it (only when not waiting)
                 return None
             self._models[key] = merged
@@ -203,16 +220,24 @@ class Pipeline:
         reusing ``where/eval_<subset>.json``; per-sample correctness goes to ``where/eval_<subset>.pt``.
         Under a process group (``torchrun ... afs evaluate``) the images are sharded over the ranks
         (`afs.distributed.sharded_evaluate`) and rank 0 writes the files."""
+        with RunDir(where).lock():
+            return self._evaluate(model, where, list(attacks), subset)
+
+    def _evaluate(self, model: nn.Module, where: Path, attacks: list[str], subset: str) -> dict[str, float]:
         ev = self.profile.evaluation
-        attacks = list(attacks)
         jpath, spath = where / f"eval_{subset}.json", where / f"eval_{subset}.pt"
-        setting = {"eps": ev.eps, "step_size": ev.step_size, "seed": self.profile.seed, "aa_version": ev.aa_version,
-                   "aa_attacks": list(ev.aa_attacks),
-                   "images": _index_hash(self.data.subsets()[subset]), "precision": self.numerics["precision"]}
-        done = read_json(jpath) if jpath.is_file() else {"setting": setting, "accuracy": {}}
-        if done.get("setting") != setting:  # evaluated under other settings: start over
+        setting = self._setting(model, subset, eps=ev.eps, step_size=ev.step_size, aa_version=ev.aa_version,
+                                aa_attacks=list(ev.aa_attacks))
+        done = read_json(jpath) if jpath.is_file() else {}
+        if done.get("setting") != setting or not spath.is_file():
+            # Another model (retrained: other weights), other images, attack settings, seed, batching or
+            # protocol: nothing of the old files is this evaluation's, so it starts over.
             done = {"setting": setting, "accuracy": {}}
+            (where / f"aa_state_{subset}.json").unlink(missing_ok=True)  # AutoAttack's resume state: the old one's
+        kept = bool(done["accuracy"])  # attacks already evaluated under this very setting
         missing = [a for a in attacks if a not in done["accuracy"]]
+        if not missing:
+            self.reused.add(f"{self.key(where)} [{subset}]")
         if missing:
             x, y = self._subset(subset)
             t0 = progress.begin("eval", f"{self.key(where)} [{subset}]", missing)
@@ -232,12 +257,23 @@ class Pipeline:
             done["accuracy"].update(res.accuracy)
             done["n"] = res.n
             if is_main():
-                samples = torch.load(spath, weights_only=True) if spath.is_file() else {}
+                samples = load_torch(spath) if kept else {}
                 samples.update({k: v.cpu() for k, v in res.correct.items()})
                 atomic_torch_save(samples, spath)
                 atomic_write_json(jpath, done)
             barrier()
         return {a: done["accuracy"][a] for a in attacks}
+
+    def _setting(self, model: nn.Module, subset: str, **extra: Any) -> dict[str, Any]:
+        """What a cached evaluation was made from: the model by the content hash of its weights, the images
+        (hash of their indices), the evaluation protocol, the seed and batching (each batch's starts derive
+        from them) and the precision, plus the attack's own settings. A cache is reused only on a match."""
+        h = self._hashes.get(model)
+        if h is None:
+            h = self._hashes[model] = state_hash(model)
+        return {"model": h, "images": _index_hash(self.data.subsets()[subset]), "protocol": EVAL_PROTOCOL,
+                "seed": self.profile.seed, "batch_size": self.profile.evaluation.batch_size,
+                "precision": self.numerics["precision"], **extra}
 
     @property
     def craft_precision(self) -> str:
@@ -248,7 +284,7 @@ class Pipeline:
     def samples(self, where: Path, subset: str = "test") -> dict[str, torch.Tensor]:
         """Per-sample correctness (bool [n] per attack) saved by `evaluate` in ``where/eval_<subset>.pt``."""
         path = where / f"eval_{subset}.pt"
-        return torch.load(path, weights_only=True) if path.is_file() else {}
+        return load_torch(path) if path.is_file() else {}
 
     def aa_flags(self, where: Path, subset: str = "aa") -> list[str]:
         """AutoAttack's own warnings recorded when ``where`` was evaluated with it (empty: none raised)."""
@@ -262,11 +298,15 @@ class Pipeline:
 
     def curve(self, model: nn.Module, where: Path) -> list[float]:
         """PGD-10 accuracy at each of the profile's ``curve_budgets`` (Fig. 4a), on the curve subset."""
+        with RunDir(where).lock():
+            return self._curve(model, where)
+
+    def _curve(self, model: nn.Module, where: Path) -> list[float]:
         ev = self.profile.evaluation
         path, spath = where / "eval_curve.json", where / "eval_curve.pt"
-        key = {"budgets": list(ev.curve_budgets), "step_size": ev.step_size, "seed": self.profile.seed,
-               "images": _index_hash(self.data.curve_index), "precision": self.numerics["precision"]}
+        key = self._setting(model, "curve", budgets=list(ev.curve_budgets), step_size=ev.step_size)
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == key:
+            self.reused.add(f"{self.key(where)} [curve]")
             return read_json(path)["accuracy"]
         x, y = self._subset("curve")
         t0 = progress.begin("eval", f"{self.key(where)} [curve]")
@@ -427,7 +467,11 @@ class Pipeline:
         evidence.attach_intervals(summary)
         summary["claims"] = evidence.evaluate_claims(summary)
         summary["audit"]["checks"] = evidence.evaluate_claims(summary, which="audit") + [self._aa_flag_check(summary)]
-        summary["timings"] = {**self.timings, "total_this_call_s": round(time.time() - t_start, 1)}
+        total = round(time.time() - t_start, 1)
+        # total_s: the profile's whole cost, known when this call computed every stage (a fresh run);
+        # a call that reused finished stages knows only its own part.
+        summary["timings"] = {**self.timings, "total_this_call_s": total, "total_s": None if self.reused else total,
+                              "reused": sorted(self.reused)}
         validate_summary(summary)
         if write:
             atomic_write_json(self.root / "summary.json", summary)
@@ -528,20 +572,26 @@ class Pipeline:
                      precision: str) -> float:
         """PGD-20 on the audit subset, crafted under ``precision``, cached as attack ``name`` in
         ``eval_audit_eps.{json,pt}``."""
+        with RunDir(where).lock():
+            return self._audit_pgd20_locked(model, where, name, eps, step_size, precision)
+
+    def _audit_pgd20_locked(self, model: nn.Module, where: Path, name: str, eps: float, step_size: float,
+                            precision: str) -> float:
         path, spath = where / "eval_audit_eps.json", where / "eval_audit_eps.pt"
-        setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "steps": 20,
-                   "precision": self.numerics["precision"]}
+        setting = self._setting(model, "audit", steps=20)  # each entry's eps, step and precision are in its name
         done = read_json(path) if path.is_file() else {}
         if done.get("setting") != setting or not spath.is_file():
             done = {"setting": setting, "accuracy": {}}
-        if name not in done["accuracy"]:
+        if name in done["accuracy"]:
+            self.reused.add(f"{self.key(where)} [audit {name}]")
+        else:
             x, y = self._subset("audit")
             t0 = progress.begin("eval", f"{self.key(where)} [audit]", [name])
             res = evaluate(model, x, y, ("pgd20",), eps=eps, step_size=step_size,
                            batch_size=self.profile.evaluation.batch_size, seed=self.profile.seed, device=self.device,
                            progress=False, craft_precision=precision)
             self._time(f"audit {where.name} {name}", t0)
-            flags = torch.load(spath, weights_only=True) if spath.is_file() else {}
+            flags = load_torch(spath) if done["accuracy"] else {}
             flags[name] = res.correct["pgd20"]
             atomic_torch_save(flags, spath)
             done["accuracy"][name] = res.accuracy["pgd20"]
@@ -550,14 +600,17 @@ class Pipeline:
 
     def _audit_transfer(self, target: nn.Module, source: nn.Module, name: str) -> float:
         """Accuracy of ``target`` on PGD-20 examples crafted on ``source`` (same seeds as the white-box run)."""
-        ev = self.profile.evaluation
         d = self.root / "audit" / "transfer"
+        with RunDir(d).lock():
+            return self._audit_transfer_locked(target, source, name, d)
+
+    def _audit_transfer_locked(self, target: nn.Module, source: nn.Module, name: str, d: Path) -> float:
+        ev = self.profile.evaluation
         path, spath = d / f"eval_{name.strip('#')}.json", d / f"eval_{name.strip('#')}.pt"
-        setting = {"seed": self.profile.seed, "images": _index_hash(self.data.audit_index), "eps": ev.eps,
-                   "step_size": ev.step_size, "precision": self.numerics["precision"], "target": self.key(self.stack_dir(self.profile.merger.stack,
-                                                                                self.profile.merger.alpha,
-                                                                                self.profile.merger.mode))}
+        setting = self._setting(target, "audit", eps=ev.eps, step_size=ev.step_size,
+                                source=self._setting(source, "audit")["model"])
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == setting:
+            self.reused.add(f"audit/transfer/{name.strip('#')} [audit]")
             return read_json(path)["accuracy"]
         x, y = self._subset("audit")
         t0 = progress.begin("eval", f"audit/transfer/{name.strip('#')} [audit]")
@@ -626,11 +679,18 @@ def merger_training(d: Path) -> dict[str, Any]:
 
 def run_name(profile: Profile) -> str:
     """The folder of a profile's runs under ``out``: its name, plus ``-seed<N>`` when the seed is not the
-    named profile's own (a second seed never reuses the first seed's stages)."""
+    named profile's own (a second seed never reuses the first seed's stages), plus ``-set<hash>`` when
+    ``--set`` changed it (one folder per set of changes; the changes are in every config.json)."""
+    import hashlib
+
     from afs.config import PROFILES
 
     own = PROFILES.get(profile.name)
-    return profile.name if own is None or own.seed == profile.seed else f"{profile.name}-seed{profile.seed}"
+    name = profile.name if own is None or own.seed == profile.seed else f"{profile.name}-seed{profile.seed}"
+    changes = [o for o in profile.overrides if not o.startswith("seed=")]  # the seed is named already
+    if changes:
+        name += "-set" + hashlib.sha256("\n".join(changes).encode()).hexdigest()[:8]
+    return name
 
 
 def default_summary_path(profile: str, out: str | Path = "runs") -> Path:

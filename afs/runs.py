@@ -26,25 +26,32 @@ from __future__ import annotations
 import json
 import math
 import os
-from contextlib import nullcontext
+import socket
+import sys
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from afs import distributed
 from afs import progress as stage_progress  # the terminal's epoch lines (afs reproduce)
-from afs.io import atomic_torch_save, atomic_write_json, manifest, read_json
+from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json
 
-__all__ = ["RunDir", "RunConfigMismatchError", "fit", "batch_seed", "autocast_for", "FitResult", "PRECISIONS", "lr_schedule",
+__all__ = ["RunDir", "RunConfigMismatchError", "StageBusyError", "fit", "batch_seed", "autocast_for", "FitResult", "PRECISIONS", "lr_schedule",
            "resolve_precision", "AutocastModel", "cpu_bf16_support", "configure_numerics", "cuda_rng_state",
            "restore_cuda_rng"]
 
 
 class RunConfigMismatchError(RuntimeError):
     """A run directory already holds a run made with a different configuration."""
+
+
+class StageBusyError(RuntimeError):
+    """Another process holds the stage's lock (it is training or evaluating that stage now)."""
 
 
 class RunDir:
@@ -66,16 +73,59 @@ class RunDir:
     def read_metrics(self) -> dict[str, Any]:
         return read_json(self.metrics)
 
+    def check(self, config: dict[str, Any]) -> None:
+        """Raise `RunConfigMismatchError` if this folder holds a stage made by anything other than ``config``
+        (the stage's identity: the settings it reads, its data's and inputs' content hashes). Called before a
+        finished stage is reused, so a changed seed, schedule, data subset or retrained member never gets
+        the old result back silently."""
+        if not self.config.is_file():
+            return
+        old = read_json(self.config)
+        if _canonical(old) != _canonical(config):
+            diffs = sorted(_diff_keys(old, config))
+            shown = "; ".join(f"{k}: {_short(_at(old, k))} -> {_short(_at(config, k))}" for k in diffs[:4])
+            more = f"; and {len(diffs) - 4} more" if len(diffs) > 4 else ""
+            era = " by an earlier version of afs" if "stage" not in old or "profile" in old else ""
+            raise RunConfigMismatchError(
+                f"{self.path} holds a stage made{era} with other settings ({shown}{more}). Its result is not "
+                f"this configuration's, so it is not reused. To go on: delete {self.path} to redo the stage, or "
+                f"run with another --out (or undo the change)")
+
+    @contextmanager
+    def lock(self, wait: bool = True) -> Iterator[None]:
+        """Hold this stage's lock (``lock`` in the folder, `filelock`): one process trains or evaluates a stage
+        at a time. Another holder makes this wait (saying who holds it) or, with ``wait=False``, raise
+        `StageBusyError` naming its pid and host. The ranks of one data-parallel job are one trainer: only
+        rank 0 takes the lock."""
+        if not self.main:
+            yield
+            return
+        from filelock import FileLock, Timeout
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        lock, holder = FileLock(str(self.path / "lock")), self.path / "lock.json"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            who = _holder(holder)
+            if not wait:
+                raise StageBusyError(f"{self.path} is held by {who}: that process is training or evaluating this "
+                                     f"stage now; wait for it, or stop it") from None
+            print(f"afs: waiting for {self.path}, held by {who}", file=sys.stderr, flush=True)
+            lock.acquire()
+        try:
+            atomic_write_json(holder, {"pid": os.getpid(), "host": socket.gethostname(),
+                                       "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            yield
+        finally:
+            holder.unlink(missing_ok=True)
+            lock.release()
+
     def start(self, config: dict[str, Any], device: Any = None) -> None:
         """Create the folder, or check that an existing run was made with the same ``config``."""
         # Every rank checks (so all raise the same error together); only rank 0 writes.
         if self.config.is_file():
-            old = read_json(self.config)
-            if _canonical(old) != _canonical(config):
-                raise RunConfigMismatchError(
-                    f"{self.path} holds a run with a different configuration; use another --out folder "
-                    f"or delete it. Differences in: {sorted(_diff_keys(old, config))}"
-                )
+            self.check(config)
         elif self.main:
             self.path.mkdir(parents=True, exist_ok=True)
             atomic_write_json(self.config, config)
@@ -104,6 +154,28 @@ class RunDir:
         if self.main:
             atomic_write_json(self.metrics, metrics)
         self.sync()
+
+
+def _holder(path: Path) -> str:
+    try:
+        h = read_json(path)
+        return f"pid {h['pid']} on host {h['host']} (since {h['since']})"
+    except (OSError, ValueError, KeyError):
+        return "another process"
+
+
+def _short(v: Any) -> str:
+    """A value as the mismatch message shows it: whole if short, else its kind (a dict of 12 keys ...)."""
+    text = repr(v)
+    if len(text) <= 40:
+        return text
+    return f"<{type(v).__name__} of {len(v)}>" if isinstance(v, (dict, list, tuple)) else text[:37] + "..."
+
+
+def _at(d: Any, dotted: str) -> Any:
+    for k in dotted.split("."):
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
 
 
 def _canonical(d: Any) -> str:
@@ -276,7 +348,7 @@ def fit(
     """
     start, best_epoch, best_score, history = 0, -1, -math.inf, []
     if distributed.same_on_all_ranks(run.state.is_file(), f"{run.state} exists"):
-        state = torch.load(run.state, map_location="cpu", weights_only=True)
+        state = load_torch(run.state, map_location="cpu")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

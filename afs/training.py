@@ -24,6 +24,7 @@ Metrics are all-reduced; only rank 0 writes run files; every rank resumes from `
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -148,10 +149,12 @@ def train_extractor(
     model_config = model_config or config.model
     run = RunDir(run_dir)
     num_classes = len(data.train.classes)
+    identity = extractor_identity(config, data, eps, model_config)
+    run.check(identity)  # first: a finished stage made with other settings or data is never handed back
     if distributed.same_on_all_ranks(run.is_complete(), f"{run.metrics} exists"):
         return _ready(load_model(run.best, map_location=device), device)
 
-    run.start({"stage": "extractor", "eps": eps, "model": model_config.__dict__, "profile": config.to_dict()}, device)
+    run.start(identity, device)
     configure_numerics(config.precision, config.deterministic, device)
     seed = config.seed * 1000 + (round(eps[1] * 255) * 100 + round(eps[0] * 255) if isinstance(eps, tuple) else round(eps * 255))
     torch.manual_seed(seed)  # weight initialisation
@@ -236,6 +239,22 @@ def train_extractor(
         "model": model_config.__dict__,
     })
     return _ready(load_model(run.best, map_location=device), device)
+
+
+def stage_data(config: Profile, data: TrainData) -> dict[str, Any]:
+    """The data a training stage reads, by content: which images and labels (hashes), and whether augmented."""
+    return {"name": data.train.name, "augment": config.data.augment, "train": data.train.sha, "val": data.val.sha}
+
+
+def extractor_identity(config: Profile, data: TrainData, eps: float | tuple[float, float],
+                       model_config: ModelConfig) -> dict[str, Any]:
+    """Everything one extractor's training depends on (its ``config.json``): the budget, the network, the
+    extractor settings (the grid's budget list aside), the data by content, seed and precision policy. A run
+    folder is reused only for the same identity (`RunDir.check`)."""
+    ec = {k: v for k, v in dataclasses.asdict(config.extractor).items() if k != "budgets"}
+    return {"stage": "extractor", "eps": eps, "model": dataclasses.asdict(model_config), "extractor": ec,
+            "data": stage_data(config, data), "seed": config.seed, "precision": config.precision,
+            "deterministic": config.deterministic}
 
 
 def attack_step(ec: ExtractorConfig, eps: float) -> float:

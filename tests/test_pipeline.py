@@ -39,11 +39,14 @@ def test_reproduce_again_reuses_everything(smoke_summary, real_data_root, monkey
     def boom(*a, **k):
         raise AssertionError("a finished stage was trained again")
 
-    monkeypatch.setattr(afs.training.PGD, "__call__", boom)  # any training or evaluation attack would call it
+    monkeypatch.setattr(afs.training.PGD, "perturb", boom)  # any training or evaluation attack would call it
     assert main(["reproduce", "--profile", "smoke", "--out", str(out), "--no-progress",
                  "--data-root", str(real_data_root)]) == 0
     again = json.loads((out / "smoke" / "summary.json").read_text())
     assert again["extractors"] == first["extractors"] and again["comparison"] == first["comparison"]
+    # The first call computed every stage, so it knows the profile's whole cost; this one reused them all.
+    assert first["timings"]["total_s"] == first["timings"]["total_this_call_s"] and not first["timings"]["reused"]
+    assert again["timings"]["total_s"] is None and "extractors/eps8" in again["timings"]["reused"]
 
 
 def test_summary_validation_names_the_problem(smoke_summary):

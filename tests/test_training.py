@@ -109,8 +109,10 @@ def test_finished_run_is_reused_and_a_different_config_is_refused(tmp_path):
     stamp = (tmp_path / "r" / "best.pt").stat().st_mtime_ns
     train_extractor(prof, data, 4 / 255, run_dir=tmp_path / "r", progress=False)
     assert (tmp_path / "r" / "best.pt").stat().st_mtime_ns == stamp  # loaded, not retrained
-    (tmp_path / "r" / "metrics.json").unlink()  # pretend it was interrupted, then change the recipe
-    with pytest.raises(RuntimeError, match="different configuration"):
+    with pytest.raises(RuntimeError, match="made with other settings"):  # finished, but by another recipe
+        train_extractor(_profile(epochs=2), data, 4 / 255, run_dir=tmp_path / "r", progress=False)
+    (tmp_path / "r" / "metrics.json").unlink()  # interrupted, then the recipe changed: refused as well
+    with pytest.raises(RuntimeError, match="made with other settings"):
         train_extractor(_profile(epochs=2), data, 4 / 255, run_dir=tmp_path / "r", progress=False)
     with pytest.raises(ValueError, match="eps is an L-inf radius"):
         train_extractor(prof, data, 8, run_dir=tmp_path / "bad", progress=False)
