@@ -3,8 +3,8 @@
 
 Scale-out uses torchrun itself (docs/distributed.md): ``torchrun --nproc-per-node=N -m afs.cli
 train-extractor ...`` trains one extractor data-parallel, ``torchrun ... -m afs.cli evaluate ...`` shards
-the test set, and ``afs reproduce --worker`` (one per GPU, or one per torchrun rank) shares the grid's
-stages through claim files in the run directory."""
+the test set, and ``afs reproduce --executor local|slurm`` runs the grid's stages as separate jobs through
+submitit (`afs.grid`)."""
 
 from __future__ import annotations
 
@@ -46,13 +46,7 @@ def _set(p: argparse.ArgumentParser) -> None:
                         "OUT/<profile>-set<hash>/ and record the changes in config.json)")
 
 
-def _scale_out(p: argparse.ArgumentParser, worker: bool = True, ddp: bool = True) -> None:
-    if worker:
-        p.add_argument("--worker", action="store_true",
-                       help="share OUT/<profile>/ with other workers: claim each stage (claim.json), skip stages live "
-                            "workers hold, take over those of dead ones; start one per GPU (or run under torchrun)")
-        p.add_argument("--claim-timeout", type=float, default=300.0, metavar="S",
-                       help="a claim whose heartbeat is older than S seconds is stale and taken over (default: 300)")
+def _scale_out(p: argparse.ArgumentParser, ddp: bool = True) -> None:
     if ddp:
         p.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
                        help="under torchrun: a collective waiting longer than S seconds (a dead or hung rank) "
@@ -93,10 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train all extractors, mergers and ablations of a profile, evaluate them, and "
                                    "write OUT/<profile>/summary.json. Finished stages are reused, interrupted ones resume.")
     _common(p)
-    _scale_out(p, ddp=False)
-    p.add_argument("--train-only", action="store_true",
-                   help="with --worker: train the grid's stages (shared with the other workers) and stop, leaving "
-                        "evaluation and summary.json to a later 'afs evaluate' / 'afs reproduce'")
+    p.add_argument("--executor", choices=("none", "local", "slurm"), default="none",
+                   help="none: every stage in this process (default); local: each stage a separate process on this "
+                        "machine; slurm: each stage a SLURM job (submitit; extractors as one array, then the mergers, "
+                        "then the evaluation). Rerun the same command after a failure: finished stages are kept")
+    p.add_argument("--gpus-per-job", type=int, default=1, metavar="N",
+                   help="with --executor slurm: GPUs per extractor job, trained data-parallel (default: 1)")
+    p.add_argument("--partition", default=None, help="with --executor slurm: the SLURM partition")
+    p.add_argument("--timeout-min", type=int, default=24 * 60, metavar="M",
+                   help="with --executor local|slurm: a job's time limit in minutes (default: 1440)")
 
     p = sub.add_parser("train-extractor", help="PGD-AT one extractor at a budget",
                        description="PGD adversarial training of one network at an L-inf budget (in 1/255), "
@@ -127,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, default=None)
     p.add_argument("--mode", choices=("paired", "split"), default=None)
     p.add_argument("--attacks", default="clean,pgd10,pgd20", help="comma-separated: clean, pgdK, fgsm, aa")
-    _scale_out(p, worker=False)
+    _scale_out(p)
 
     p = sub.add_parser("notebooks", help="execute the notebooks top to bottom into an output folder",
                        description="Run notebooks/NN_*.ipynb in order under a profile; executed copies go to OUT/.")
@@ -156,12 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from afs.grid import GridJobError
     from afs.runs import RunConfigMismatchError, StageBusyError
 
     args = build_parser().parse_args(argv)
     try:
         return _run(args)
-    except (ValueError, TypeError, OSError, RunConfigMismatchError, StageBusyError) as e:
+    except (ValueError, TypeError, OSError, RunConfigMismatchError, StageBusyError, GridJobError) as e:
         # Our own errors say what is wrong and how to go on; a file-system error names its path. One line
         # each (--debug shows the traceback).
         if args.debug:
@@ -239,13 +239,10 @@ def _run(args: argparse.Namespace) -> int:
     from afs.pipeline import Pipeline
 
     ranks = distributed.env_world_size()  # > 1 when torchrun started several processes
-    worker = bool(getattr(args, "worker", False))
-    if ranks > 1 and args.command == "train-merger":
-        raise ValueError("train-merger is not data-parallel: run it as one process, or let 'afs reproduce --worker' "
-                         "workers share the merger stages")
-    if ranks > 1 and args.command == "reproduce" and not worker:
-        raise ValueError("under torchrun 'afs reproduce' needs --worker (each rank then works on its own GPU, sharing "
-                         "the stages); for data-parallel training of one stage use 'train-extractor'")
+    if ranks > 1 and args.command in ("train-merger", "reproduce"):
+        raise ValueError(f"{args.command} is not data-parallel: run it as one process; for data-parallel training of "
+                         "one stage use 'train-extractor', and for the grid on several GPUs 'afs reproduce --executor "
+                         "local|slurm'")
     profile = get_profile(args.profile).with_overrides(args.set)
     if getattr(args, "seed", None) is not None:
         if args.seed < 0:
@@ -258,31 +255,32 @@ def _run(args: argparse.Namespace) -> int:
                   f"({profile.extractor.batch_size} per rank), lr {profile.extractor.lr:g} -> {scaled.extractor.lr:g} "
                   f"(linear scaling; recorded in the stage's config.json)", file=sys.stderr)
         profile = scaled
-    if worker or ranks > 1:  # claims and process groups report through logging
+    if args.command == "reproduce" and args.executor != "none":
+        from afs.grid import run_grid
+
+        path = run_grid(profile, args.out, args.data_root, args.executor, gpus_per_job=args.gpus_per_job,
+                        timeout_min=args.timeout_min, partition=args.partition)
+        print(f"wrote {path}")
+        return 0
+    if ranks > 1:  # process groups report through logging
         logging.basicConfig(level=logging.INFO, format=f"%(asctime)s afs[rank {os.environ.get('RANK', '0')}] %(message)s")
-    # One GPU per process under torchrun (cuda:LOCAL_RANK); reproduce --worker ranks are independent workers.
-    # Every torchrun rank binds its own GPU first (set_device), whatever the command and --device say.
+    # One GPU per process under torchrun (cuda:LOCAL_RANK): every torchrun rank binds its own GPU first
+    # (set_device), whatever the command and --device say.
     bound = distributed.bind_local_device() if distributed.launched_by_torchrun() else None
     device = args.device or bound
-    claims = None
-    if worker:
-        timeout = args.claim_timeout
-        claims = distributed.ClaimSettings(heartbeat_s=min(30.0, timeout / 10), stale_after_s=timeout,
-                                           poll_s=min(5.0, timeout / 10))
     try:
         if ranks > 1 and args.command in ("train-extractor", "evaluate"):
             distributed.init_distributed(timeout_s=args.dist_timeout)
         from afs.progress import bars_enabled
 
         # tqdm bars on a terminal only: redrawn with carriage returns they would flood a CI log.
-        pipe = Pipeline(profile, args.out, args.data_root, device, progress=not args.no_progress and bars_enabled(),
-                        share_dir=worker, claims=claims)
-        return _command(args, profile, pipe, worker)
+        pipe = Pipeline(profile, args.out, args.data_root, device, progress=not args.no_progress and bars_enabled())
+        return _command(args, profile, pipe)
     finally:
         distributed.shutdown()
 
 
-def _command(args: argparse.Namespace, profile: Any, pipe: Any, worker: bool) -> int:
+def _command(args: argparse.Namespace, profile: Any, pipe: Any) -> int:
     from afs import distributed
 
     def say(text: str) -> None:
@@ -290,24 +288,10 @@ def _command(args: argparse.Namespace, profile: Any, pipe: Any, worker: bool) ->
             print(text)
 
     if args.command == "reproduce":
-        if args.train_only and not worker:
-            raise ValueError("--train-only goes with --worker (several workers sharing the stages)")
-        if args.train_only:
-            stages = pipe.train_shared()
-            say(f"this worker trained {sorted(k for k, v in stages.items() if v == 'trained')}; the grid is complete")
-            return 0
-        if worker:
-            summary = pipe.work()
-            mine = sorted(k for k, v in pipe.stages.items() if v == "trained")
-            say(f"this worker trained {len(mine)} stage(s): {mine}")
-            if summary is None:
-                say("another worker holds the summary claim and writes summary.json")
-                return 0
-        else:
-            from afs import progress
+        from afs import progress
 
-            with progress.reporting(progress.for_pipeline(pipe)):  # numbered stage lines and an ETA on stderr
-                summary = pipe.reproduce()
+        with progress.reporting(progress.for_pipeline(pipe)):  # numbered stage lines and an ETA on stderr
+            summary = pipe.reproduce()
         say(f"wrote {pipe.root / 'summary.json'} ({summary['timings']['total_this_call_s']} s)")
     elif args.command == "train-extractor":
         from afs.config import ModelConfig

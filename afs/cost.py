@@ -154,7 +154,7 @@ def stages(profile: Profile) -> list[Stage]:
                                  (("aa", ev.aa_size), ("curve", ev.curve_size), ("audit", ev.audit_size))}}
     out: list[Stage] = []
 
-    # Training (Table I's budgets, Table VI's ablations, every merger): the grid the workers share.
+    # Training (Table I's budgets, Table VI's ablations, every merger): the grid of `Pipeline.grid`.
     ec, mc = p.extractor, p.merger
     extractors, mergers = pipe.grid()
     for budget, model in extractors:

@@ -1,8 +1,8 @@
-"""Scale-out through PyTorch's own stack: ``torchrun`` process groups, DDP helpers, stage claims, and
-sharded evaluation.
+"""Scale-out through PyTorch's own stack: ``torchrun`` process groups, DDP helpers and sharded evaluation
+(the grid of stages runs on submitit, `afs.grid`).
 
 Nothing here launches processes: ``torchrun`` (or SLURM + ``torchrun``) does, and this module reads the
-environment it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Four parts:
+environment it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Three parts:
 
 * **Process group** (`init_distributed`, `rank`, `world_size`, `is_main`, `barrier`, `all_reduce_sums`,
   `broadcast_object`, `same_on_all_ranks`): a group with a finite timeout, so a rank that dies or hangs
@@ -14,9 +14,6 @@ environment it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/`
   the rows ``r::w`` of every global batch (`afs.data.DeviceLoader`), batch norm uses the statistics of
   the *global* batch, and each rank's PGD random start is the slice of the start a single process would
   draw for the whole batch. A run may therefore be resumed on a different number of GPUs.
-* **Stage claims** (`StageClaim`, `run_claimed`): several workers (processes, torchrun jobs, SLURM array
-  tasks) share one run directory; each stage is taken through an atomically created
-  ``<stage>/claim.json`` kept alive by a heartbeat, and a claim whose holder died is taken over.
 * **Sharded evaluation** (`sharded_evaluate`): the test set split across ranks by whole batches, every
   image evaluated exactly once, per-sample results gathered back in test-set order; clean/PGD/FGSM
   results are identical to `afs.evaluation.evaluate`'s.
@@ -32,19 +29,13 @@ not communicate; only the one train-mode forward/backward per step synchronises.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
-import socket
-import tempfile
-import threading
-import time
-import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from enum import Enum
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -73,10 +64,6 @@ __all__ = [
     "convert_sync_batchnorm",
     "GlobalBatchPGD",
     "scale_profile",
-    "ClaimStatus",
-    "ClaimSettings",
-    "StageClaim",
-    "run_claimed",
     "sharded_evaluate",
 ]
 
@@ -205,7 +192,7 @@ def local_device() -> torch.device:
 
 def bind_local_device() -> torch.device:
     """`local_device`, made the *current* CUDA device (``torch.cuda.set_device``) when there is one. Every
-    torchrun path calls it, process group or not (``reproduce --worker`` ranks are independent workers):
+    torchrun path calls it, process group or not:
     without it each rank's default device, and so its caching allocator and any launch that follows the
     current device, is GPU 0."""
     device = local_device()
@@ -393,369 +380,6 @@ def scale_profile(profile: Any, ranks: int) -> Any:
         raise ValueError(f"ranks must be an int >= 1, got {ranks!r}")
     ec = profile.extractor
     return profile.replace(extractor=dataclasses.replace(ec, batch_size=ec.batch_size * ranks, lr=ec.lr * ranks))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Stage claims: several workers, one run directory
-# ----------------------------------------------------------------------------------------------------
-
-
-def _proc_stat(pid: int) -> tuple[str, str] | None:
-    """(state, start time in clock ticks since boot) of a Linux process, or None where /proc has no entry."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = text[text.rfind(")") + 2 :].split()  # fields 3.. (the command name may contain spaces)
-    return rest[0], rest[19]  # field 3 = state, field 22 = starttime
-
-
-def _host_identity() -> dict[str, str]:
-    """What makes a pid meaningful: the host name, the kernel boot and the pid namespace (containers)."""
-    ident = {"host": socket.gethostname()}
-    for key, path in (("boot_id", "/proc/sys/kernel/random/boot_id"), ("pid_ns", "/proc/self/ns/pid")):
-        try:
-            ident[key] = os.readlink(path) if key == "pid_ns" else Path(path).read_text().strip()
-        except OSError:
-            ident[key] = ""
-    return ident
-
-
-def _who(info: dict[str, Any] | None) -> str:
-    """A claim's holder in a few words, for logs: ``pid 123 on node7 since <time> (SLURM job 42)``."""
-    if not info:
-        return "a worker (claim being written)"
-    job = "".join(f", {k}={v}" for k, v in (info.get("job") or {}).items())
-    return f"pid {info.get('pid')} on {info.get('host')} since {info.get('started')}{job}"
-
-
-def _pid_alive(pid: int, start: str | None) -> bool:
-    """Whether ``pid`` runs on this host and is the process that made the claim (not a reused pid)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # exists, owned by another user
-    stat = _proc_stat(pid)
-    if stat is None:
-        return True  # no /proc (not Linux): existence is all we can tell
-    state, started = stat
-    if state in ("Z", "X"):  # zombie or dead: exited, not yet reaped
-        return False
-    return start is None or started == start
-
-
-class ClaimStatus(str, Enum):
-    """What `run_claimed` did with a stage."""
-
-    TRAINED = "trained"  # this worker held the claim and ran the stage (fresh or resumed)
-    DONE = "done"  # the stage was already complete; its result was loaded
-    BUSY = "busy"  # another live worker holds the stage; skipped (only when not waiting)
-
-
-@dataclasses.dataclass(frozen=True)
-class ClaimSettings:
-    """Timing of stage claims (`StageClaim`, `run_claimed`); the defaults suit stages of minutes to days."""
-
-    heartbeat_s: float = 30.0  # how often a holder refreshes its claim's mtime
-    # A claim not refreshed for this long is stale (its holder died on another node, or hung). Ten missed
-    # heartbeats: long enough for a file-system hiccup, short enough that a restarted job soon takes over.
-    stale_after_s: float = 300.0
-    poll_s: float = 5.0  # how often a worker waiting for another's stage looks again
-
-
-class StageClaim:
-    """An exclusive, crash-tolerant claim on one stage (run directory) shared by several workers.
-
-    The claim is the file ``<stage>/claim.json`` (host, pid, start time, a token), created atomically: it
-    is written to a temporary file and hard-linked into place (``link`` fails if the name exists, and is
-    atomic on NFS too), falling back to ``open(O_CREAT | O_EXCL)`` where hard links are not supported.
-    While held, a background thread refreshes its mtime every ``heartbeat_s`` seconds. A claim is
-    **stale** when its heartbeat is older than ``stale_after_s`` (by the file system's own clock, so
-    clock skew between nodes does not matter), or when it names a process of this host that no longer
-    exists. A stale claim is taken over under a takeover lock (itself created atomically, so of several
-    workers racing exactly one proceeds), which checks the claim is still the very one judged stale and
-    swaps in its own with one atomic ``os.replace``: the claim file never disappears in between.
-
-    Residual risk, by design of leases: a holder stalled longer than ``stale_after_s`` (not just slow:
-    its heartbeat thread stalled too) loses its claim to another worker; its `lost` flag turns True.
-    Both then train the same stage; training is deterministic, so both write the same result.
-    """
-
-    FILE = "claim.json"
-
-    def __init__(self, stage_dir: str | os.PathLike, *, heartbeat_s: float = 30.0, stale_after_s: float = 300.0,
-                 filename: str = FILE) -> None:
-        for name, v in (("heartbeat_s", heartbeat_s), ("stale_after_s", stale_after_s)):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf:
-                raise ValueError(f"{name} must be a positive number of seconds, got {v!r}")
-        if stale_after_s < 3 * heartbeat_s:
-            raise ValueError(f"stale_after_s ({stale_after_s}) must be at least 3 x heartbeat_s ({heartbeat_s}), "
-                             f"or a live holder's claim could look stale between two heartbeats")
-        if not filename or "/" in filename or filename.startswith("."):
-            raise ValueError(f"filename must be a plain, non-hidden file name, got {filename!r}")
-        self.dir = Path(stage_dir)
-        self.path = self.dir / filename
-        self.heartbeat_s, self.stale_after_s = float(heartbeat_s), float(stale_after_s)
-        self.token = uuid.uuid4().hex
-        self.holder: dict[str, Any] | None = None  # after a failed acquire: who holds the stage
-        self._held = False
-        self._lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def __repr__(self) -> str:
-        return f"StageClaim({str(self.dir)!r}, held={self._held}, heartbeat_s={self.heartbeat_s}, stale_after_s={self.stale_after_s})"
-
-    @property
-    def held(self) -> bool:
-        return self._held
-
-    @property
-    def lost(self) -> bool:
-        """True once another worker replaced this claim (it judged it stale); see the class docstring."""
-        return self._lost.is_set()
-
-    # --- acquiring -----------------------------------------------------------------------------------
-    def acquire(self) -> bool:
-        """Take the stage if it is free or its claim is stale; False if a live worker holds it. Never blocks."""
-        if self._held:
-            return True
-        self.dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):  # create; else judge the holder; a takeover or a release in between: try again
-            if self._create():
-                return self._hold()
-            found = self._inspect()
-            if found is None:
-                continue  # released between our create and our look
-            info, st = found
-            if not self._is_stale(info, st):
-                self.holder = info
-                return False
-            if self._take_over(info, st):
-                return self._hold()
-        self.holder = self.read()  # e.g. another worker is taking the stale claim over right now
-        return False
-
-    def _hold(self) -> bool:
-        self._held, self.holder = True, None
-        self._lost.clear()
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._beat, name=f"claim-heartbeat {self.dir.name}", daemon=True)
-        self._thread.start()
-        return True
-
-    def _payload(self) -> bytes:
-        ident = _host_identity()
-        stat = _proc_stat(os.getpid())
-        info = {
-            **ident, "pid": os.getpid(), "pid_start": stat[1] if stat else None, "token": self.token,
-            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "heartbeat_s": self.heartbeat_s, "stale_after_s": self.stale_after_s,
-            # Where the holder came from, for a human reading the file.
-            "job": {k: os.environ[k] for k in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "TORCHELASTIC_RUN_ID", "RANK")
-                    if k in os.environ},
-        }
-        return (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()
-
-    def _create(self, path: Path | None = None, payload: bytes | None = None) -> bool:
-        """Atomically create ``path`` (the claim file) with ``payload`` (ours); False if it already exists."""
-        path = self.path if path is None else path
-        payload = self._payload() if payload is None else payload
-        fd, tmp = tempfile.mkstemp(prefix=".claim-", suffix=".tmp", dir=self.dir)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(payload)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.link(tmp, path)  # complete content appears at once, or not at all
-                return True
-            except FileExistsError:
-                return False
-            except OSError:
-                pass  # no hard links on this file system: O_EXCL below
-        finally:
-            os.unlink(tmp)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "wb") as f:  # readers may see it empty for a moment: judged by mtime only
-            f.write(payload)
-        return True
-
-    def read(self) -> dict[str, Any] | None:
-        """The current claim's content (None if there is no claim, or it is still being written)."""
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _inspect(self) -> tuple[dict[str, Any] | None, os.stat_result] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return self.read(), st
-
-    def _fs_now(self) -> float:
-        """The file system's current time: the mtime of a file created now (heartbeats use its clock)."""
-        fd, tmp = tempfile.mkstemp(prefix=".clock-", dir=self.dir)
-        try:
-            return os.fstat(fd).st_mtime
-        finally:
-            os.close(fd)
-            os.unlink(tmp)
-
-    def _is_stale(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
-        age = self._fs_now() - st.st_mtime
-        limit = self.stale_after_s
-        if info is not None:  # the holder's own timeout, when longer, is the one to respect
-            limit = max(limit, float(info.get("stale_after_s", 0) or 0))
-        if age > limit:
-            return True
-        if info is None or not isinstance(info.get("pid"), int):
-            return False  # being written, or unreadable: trust the heartbeat age alone
-        ident = _host_identity()
-        if info.get("host") != ident["host"]:
-            return False  # another machine: its pids mean nothing here, the heartbeat decides
-        if info.get("boot_id") and ident["boot_id"] and info["boot_id"] != ident["boot_id"]:
-            return True  # this host rebooted since: every process of the old boot is gone
-        if info.get("pid_ns") != ident["pid_ns"]:
-            return False  # another container (pid namespace) with the same host name: cannot see its pids
-        return not _pid_alive(info["pid"], info.get("pid_start"))
-
-    def _take_over(self, info: dict[str, Any] | None, st: os.stat_result) -> bool:
-        """Replace the stale claim (judged from ``info``/``st``) by ours; True if we hold the stage now.
-
-        Takers serialise on a lock file created atomically; under it the claim is checked to still be the
-        very one judged stale (same inode, heartbeat and token) and replaced by ours with one atomic
-        ``os.replace``, so the claim file never disappears: no third worker can slip in between.
-        """
-        lock = self.dir / f".{self.path.name}.takeover"
-        if not self._create(lock, self.token.encode()):
-            try:  # a taker that died holding the lock (a window of milliseconds) must not block forever
-                if self._fs_now() - os.stat(lock).st_mtime > self.stale_after_s:
-                    lock.unlink(missing_ok=True)
-            except FileNotFoundError:
-                pass
-            return False  # another worker is taking it over right now
-        tmp: str | None = None
-        try:
-            now = os.stat(self.path)
-            same = (now.st_ino == st.st_ino and now.st_mtime_ns == st.st_mtime_ns
-                    and (info is None or (self.read() or {}).get("token") == info.get("token")))
-            if not same:
-                return False  # released, replaced or refreshed since we looked: judge again
-            fd, tmp = tempfile.mkstemp(prefix=".claim-", suffix=".tmp", dir=self.dir)
-            with os.fdopen(fd, "wb") as f:
-                f.write(self._payload())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-            tmp = None
-            log.warning("took over the stale claim on %s (held by %s)", self.dir, _who(info))
-            return True
-        except FileNotFoundError:
-            return False  # the stale claim was removed meanwhile: the caller creates afresh
-        finally:
-            if tmp is not None:
-                os.unlink(tmp)
-            lock.unlink(missing_ok=True)
-
-    # --- holding -------------------------------------------------------------------------------------
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
-            info = self.read()
-            if info is None and not self.path.exists():  # takeovers replace, never delete: removed by hand
-                self._lost.set()
-                log.warning("claim on %s vanished; another worker may start this stage", self.dir)
-                return
-            if info is not None and info.get("token") != self.token:
-                self._lost.set()
-                log.warning("claim on %s was taken over by %s", self.dir, _who(info))
-                return
-            try:
-                os.utime(self.path)  # the heartbeat: mtime = now (file system clock)
-            except OSError:
-                pass  # a transient file-system error; the next beat tries again
-
-    def release(self) -> None:
-        """Stop the heartbeat and delete the claim if it is still ours. Idempotent."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._held and (self.read() or {}).get("token") == self.token:
-            self.path.unlink(missing_ok=True)
-        self._held = False
-
-    def __enter__(self) -> StageClaim:
-        if not self._held:
-            raise RuntimeError(f"{self!r} is not held: call acquire() first and enter only when it returned True")
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.release()
-
-
-def run_claimed(
-    stage_dir: str | os.PathLike,
-    work: Callable[[], T],
-    *,
-    is_complete: Callable[[], bool],
-    wait: bool = True,
-    poll_s: float = 5.0,
-    heartbeat_s: float = 30.0,
-    stale_after_s: float = 300.0,
-    filename: str = StageClaim.FILE,
-) -> tuple[ClaimStatus, T | None]:
-    """Run ``work()`` (train, or resume, a stage) while holding the stage's claim.
-
-    A complete stage runs ``work()`` without a claim (it loads the result). A stage held by another live
-    worker is skipped with ``(BUSY, None)`` when ``wait`` is False; with ``wait`` this polls every
-    ``poll_s`` seconds until the holder finishes (then loads) or dies (then takes over and resumes).
-    Under a process group rank 0 decides for the whole job and every rank runs ``work()`` together
-    (DDP); one poll is one collective, so waiting never trips the group's timeout.
-    """
-    if isinstance(poll_s, bool) or not isinstance(poll_s, (int, float)) or not 0 < poll_s < math.inf:
-        raise ValueError(f"poll_s must be a positive number of seconds, got {poll_s!r}")
-    claim = StageClaim(stage_dir, heartbeat_s=heartbeat_s, stale_after_s=stale_after_s, filename=filename)
-    announced = False
-    while True:
-        decision = None
-        if is_main():
-            if is_complete():
-                decision = "done"
-            elif claim.acquire():
-                # The previous holder may have completed it between our look and our claim.
-                decision = "done" if is_complete() else "mine"
-                if decision == "done":
-                    claim.release()
-            else:
-                decision = "busy"
-        decision = broadcast_object(decision)
-        if decision == "done":
-            return ClaimStatus.DONE, work()
-        if decision == "mine":
-            try:
-                result = work()
-            finally:
-                claim.release()
-            if claim.lost:
-                log.warning("%s was also claimed by another worker while this one trained it; training is "
-                            "deterministic, so both wrote the same result", stage_dir)
-            return ClaimStatus.TRAINED, result
-        if not wait:
-            if is_main():
-                log.info("skipping %s: held by %s", stage_dir, _who(claim.holder))
-            return ClaimStatus.BUSY, None
-        if is_main() and not announced:
-            log.info("waiting for %s, held by %s", stage_dir, _who(claim.holder))
-            announced = True
-        time.sleep(poll_s)
 
 
 # ----------------------------------------------------------------------------------------------------

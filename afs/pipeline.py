@@ -16,7 +16,6 @@ Table/figure map: Table I `extractors`, Table II `alpha_sweep`, Table III `masks
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 import warnings
@@ -32,7 +31,7 @@ from afs import progress
 from afs.attacks import AutoAttackWarning
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
-from afs.distributed import ClaimSettings, ClaimStatus, barrier, is_distributed, is_main, run_claimed, sharded_evaluate
+from afs.distributed import barrier, is_distributed, is_main, sharded_evaluate
 from afs.evaluation import PROTOCOL as EVAL_PROTOCOL
 from afs.evaluation import evaluate, trade_off
 from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json, state_hash
@@ -101,19 +100,13 @@ def stack_name(budgets: Sequence[int], alpha: float, mode: str) -> str:
 class Pipeline:
     """Trains and evaluates what a profile's experiments need, reusing whatever the run directory holds.
 
-    ``share_dir=True`` lets several workers (processes, GPUs, torchrun or SLURM jobs) share the run
-    directory: every training stage is taken through a claim file (`afs.distributed.StageClaim`), a stage
-    held by a live worker is waited for instead of trained twice, and one held by a dead worker is taken
-    over and resumed. `train_shared` spreads the grid over the workers; `work` is one worker's
-    ``reproduce``. Without it (the default) nothing changes: no claim files, stages run in order.
+    Several processes may share the run directory (two `afs reproduce` calls, or the jobs of `afs.grid` on
+    submitit): each stage is trained or evaluated under its lock by one of them, and the others then find
+    it finished.
     """
 
     def __init__(self, profile: Profile, out: str | Path = "runs", data_root: str | Path | None = None,
-                 device: torch.device | str | None = None, progress: bool = True, *, share_dir: bool = False,
-                 claims: ClaimSettings | None = None) -> None:
-        self.share_dir = bool(share_dir)
-        self.claims = claims or ClaimSettings()
-        self.stages: dict[str, str] = {}  # shared mode: stage -> "trained" (by this worker) | "done"
+                 device: torch.device | str | None = None, progress: bool = True) -> None:
         self.profile = profile
         self.root = Path(out) / run_name(profile)
         self.data_root = data_root
@@ -143,11 +136,6 @@ class Pipeline:
 
     def extractor(self, budget: int | tuple[int, int], model_config: ModelConfig | None = None) -> nn.Module:
         """The network PGD-trained at ``budget``/255 (a (lo, hi) pair: random budget per batch)."""
-        model = self._extractor(budget, model_config, wait=True)
-        assert model is not None  # waiting never skips
-        return model
-
-    def _extractor(self, budget: int | tuple[int, int], model_config: ModelConfig | None, wait: bool) -> nn.Module | None:
         eps = (eps_from_budget(budget[0]), eps_from_budget(budget[1])) if isinstance(budget, tuple) else eps_from_budget(budget)
         d = self.extractor_dir(eps, model_config)
         key = str(d)
@@ -155,12 +143,9 @@ class Pipeline:
             if (d / "metrics.json").is_file():
                 self.reused.add(self.key(d))
             t0 = progress.begin("train", self.key(d))  # the terminal's stage lines (afs reproduce)
-            model = self._claimed(d, lambda: self._locked(d, lambda: train_extractor(
+            self._models[key] = self._locked(d, lambda: train_extractor(
                 self.profile, self.data.train, eps, run_dir=d, device=self.device, model_config=model_config,
-                progress=self.progress)), wait)
-            if model is None:  # another live worker holds it (only when not waiting)
-                return None
-            self._models[key] = model
+                progress=self.progress))
             self._time(f"train {d.name}", t0)
         return self._models[key]
 
@@ -171,26 +156,11 @@ class Pipeline:
         with RunDir(d).lock():
             return work()
 
-    def _claimed(self, d: Path, build: Callable[[], _T], wait: bool) -> _T | None:
-        """``build()`` (train or load the stage in ``d``), under the stage's claim when the dir is shared."""
-        if not self.share_dir:
-            return build()
-        status, out = run_claimed(d, build, is_complete=(d / "metrics.json").is_file, wait=wait,
-                                  **dataclasses.asdict(self.claims))
-        if status is not ClaimStatus.BUSY:
-            self.stages[str(d.relative_to(self.root))] = status.value
-        return out
-
     def stack_dir(self, budgets: Sequence[int], alpha: float, mode: str) -> Path:
         return self.root / "stacks" / stack_name(budgets, alpha, mode)
 
     def stack(self, budgets: Sequence[int], alpha: float | None = None, mode: str | None = None) -> StackedModel:
         """The stack of the extractors at ``budgets`` with a merger trained at (alpha, mode) (Eq. 5)."""
-        model = self._stack(budgets, alpha, mode, wait=True)
-        assert model is not None  # waiting never skips
-        return model
-
-    def _stack(self, budgets: Sequence[int], alpha: float | None, mode: str | None, wait: bool) -> StackedModel | None:
         mc = self.profile.merger
         alpha = mc.alpha if alpha is None else alpha
         mode = mc.mode if mode is None else MergerMode(mode).value
@@ -202,12 +172,9 @@ class Pipeline:
             if (d / "metrics.json").is_file():
                 self.reused.add(self.key(d))
             t0 = progress.begin("train", self.key(d))
-            merged = self._claimed(d, lambda: self._locked(d, lambda: train_merger(
+            self._models[key] = self._locked(d, lambda: train_merger(
                 stack, self.profile, self.data.train, alpha, mode, run_dir=d, device=self.device,
-                progress=self.progress)), wait)
-            if merged is None:  # another live worker holds it (only when not waiting)
-                return None
-            self._models[key] = merged
+                progress=self.progress))
             self._time(f"merger {d.name}", t0)
         return self._models[key]
 
@@ -354,7 +321,7 @@ class Pipeline:
             rec["aa"], rec["aa_clean"], rec["aa_pgd20"] = on_aa["aa"], on_aa["clean"], on_aa["pgd20"]
         return rec
 
-    # --- several workers on one run directory ----------------------------------------------------
+    # --- the grid of training stages ------------------------------------------------------------------
     def grid(self) -> tuple[list[tuple[int | tuple[int, int], ModelConfig | None]], list[tuple[tuple[int, ...], float, str]]]:
         """Every training stage `reproduce` needs: extractors as (budget, model config or None), then
         mergers as (members, alpha, mode); mergers need their extractors, so they come second."""
@@ -368,41 +335,6 @@ class Pipeline:
         stacks += [(default, a, "paired") for a in p.experiments.alphas]
         stacks += [(tuple(p.stack_for_mask(m)), p.merger.alpha, "paired") for m in p.experiments.masks]
         return extractors, list(dict.fromkeys(stacks))  # de-duplicated, order kept
-
-    def train_shared(self, extractors: Sequence[int | tuple[int, int]] | None = None,
-                     stacks: Sequence[tuple[Sequence[int], float, str]] | None = None) -> dict[str, str]:
-        """Train the grid's stages together with the other workers sharing this run directory.
-
-        First pass: train every stage nobody holds (claiming each), skipping those live workers hold;
-        second pass: wait for the skipped ones (or take over those whose worker died). Extractors first,
-        then mergers. ``extractors``/``stacks`` restrict the grid (default: all of `grid`). Returns
-        ``{stage: "trained" | "done"}``: trained by this worker, or found complete / completed by another.
-        """
-        if not self.share_dir:
-            raise ValueError("train_shared needs Pipeline(..., share_dir=True): without claims, workers would "
-                             "train the same stages")
-        ext, stk = self.grid()
-        if extractors is not None:
-            ext = [(b, None) for b in extractors]
-        if stacks is not None:
-            stk = [(tuple(b), float(a), str(m)) for b, a, m in stacks]
-        phases: list[list[Callable[[bool], Any]]] = [
-            [lambda w, b=b, mc=mc: self._extractor(b, mc, w) for b, mc in ext],
-            [lambda w, b=b, a=a, m=m: self._stack(b, a, m, w) for b, a, m in stk],
-        ]
-        for phase in phases:
-            skipped = [stage for stage in phase if stage(False) is None]
-            for stage in skipped:
-                stage(True)
-        return dict(self.stages)
-
-    def work(self) -> dict[str, Any] | None:
-        """One worker's ``reproduce`` on a shared run directory: `train_shared`, then the worker that claims
-        the summary evaluates everything and writes ``summary.json`` (returned); the others return None."""
-        self.train_shared()
-        status, summary = run_claimed(self.root, self.reproduce, is_complete=lambda: False, wait=False,
-                                      filename="summary.claim.json", **dataclasses.asdict(self.claims))
-        return summary if status is ClaimStatus.TRAINED else None
 
     def reproduce(self, write: bool = True) -> dict[str, Any]:
         """Every stage the notebooks need; returns (and writes) ``summary.json``."""

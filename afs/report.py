@@ -685,6 +685,15 @@ def _md_num(v: Any) -> str:
     return fmt(v)
 
 
+def _run_label(s: Mapping[str, Any]) -> str:
+    """A summary's column/row name: its profile, and its seed when that is not the named profile's own."""
+    from afs.config import PROFILES
+
+    name, seed = s.get("profile", "?"), s.get("config", {}).get("seed")
+    own = PROFILES.get(name)
+    return f"`{name}`" + (f" (seed {seed})" if own is not None and seed is not None and seed != own.seed else "")
+
+
 def _data_cell(s: Mapping[str, Any]) -> str:
     d = s.get("dataset", {})
     name = d.get("name", s.get("config", {}).get("data", {}).get("name", "?"))
@@ -721,7 +730,7 @@ def readme_results_table(results_dir: str | Path = "results") -> str:
     for s in summaries:
         one, afs = _comparison_row(s, "single"), _comparison_row(s, "AFS")
         trade = f"{_md_ci(one, 'tradeoff')} → {_md_ci(afs, 'tradeoff')}"
-        lines.append(f"| `{s.get('profile', '?')}` | {_data_cell(s)} | {_md_ci(one, 'clean')} | "
+        lines.append(f"| {_run_label(s)} | {_data_cell(s)} | {_md_ci(one, 'clean')} | "
                      f"{_md_ci(one, 'pgd')} | {_md_ci(one, 'aa')} | {_md_ci(afs, 'clean')} | "
                      f"{_md_ci(afs, 'pgd')} | {_md_ci(afs, 'aa')} | {trade} |")
     t4 = {r["method"]: r for r in paper_table("table_IV_cifar10")}
@@ -754,7 +763,7 @@ def readme_claims_table(results_dir: str | Path = "results") -> str:
     summaries = [s for s in _load_summaries(results_dir) if "claims" in s]
     if not summaries:
         return f"_No verdicts yet: `{results_dir}/<profile>/summary.json` files with `claims` are written by `afs reproduce`._"
-    cols = " | ".join(f"`{s['profile']}`: estimate [95% CI] → verdict" for s in summaries)
+    cols = " | ".join(f"{_run_label(s)}: estimate [95% CI] → verdict" for s in summaries)
     lines = [f"| source | claim | test | paper | {cols} |", "|---|---|---|---:|" + "---|" * len(summaries)]
     first = summaries[0]
     for c in [*first["claims"], *first.get("audit", {}).get("checks", [])]:
@@ -771,7 +780,7 @@ def readme_claims_table(results_dir: str | Path = "results") -> str:
         paper = c.get("paper")
         lines.append(f"| {c['source']} | {c['claim']} | {_threshold_text(c)} | "
                      f"{_MISSING if paper is None else f'{paper:+.2f}'} | " + " | ".join(cells) + " |")
-    n = "; ".join(f"`{s['profile']}`: {s['dataset'].get('test')} test images, AA and Table IV on {s['dataset'].get('aa')}, "
+    n = "; ".join(f"{_run_label(s)}: {s['dataset'].get('test')} test images, AA and Table IV on {s['dataset'].get('aa')}, "
                   f"audit on {s['dataset'].get('audit')}" for s in summaries)
     return "\n".join(lines) + f"\n\nImages: {n}. Estimates are the claim's statistic in points (slopes: points per unit)."
 

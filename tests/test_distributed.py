@@ -1,8 +1,7 @@
-"""Scale-out (afs.distributed): DDP training of one extractor, sharded evaluation, stage claims shared by
-workers, failure handling.
+"""Scale-out (afs.distributed): DDP training of one extractor, sharded evaluation, failure handling (the
+grid of stages on submitit: tests/test_grid.py).
 
-Real processes on localhost: torch.multiprocessing with the gloo backend for the 2-rank process group,
-and separate worker processes (no process group) sharing one run directory. Shapes are tiny (WRN-10-1,
+Real processes on localhost: torch.multiprocessing with the gloo backend for the 2-rank process group. Shapes are tiny (WRN-10-1,
 a few dozen random 32x32 images) and every spawn is shared by several assertions, because starting a
 Python process that imports torch costs seconds on 2 cores.
 """
@@ -15,9 +14,6 @@ import multiprocessing
 import os
 import shutil
 import socket
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
@@ -239,183 +235,6 @@ def test_scale_profile_and_global_batch_divisibility():
     assert (D.rank(), D.world_size(), D.is_main(), D.all_reduce_sums([1.5, 2])) == (0, 1, True, [1.5, 2.0])
 
 
-# ------------------------------------------------------------------------------------------------------
-# Stage claims
-# ------------------------------------------------------------------------------------------------------
-
-FAST = dict(heartbeat_s=0.05, stale_after_s=1.0)
-
-
-def test_a_claim_is_exclusive_until_released(tmp_path):
-    a, b = D.StageClaim(tmp_path / "s", **FAST), D.StageClaim(tmp_path / "s", **FAST)
-    assert a.acquire() and not b.acquire()
-    assert b.holder["pid"] == os.getpid() and b.holder["token"] == a.token
-    time.sleep(0.3)  # heartbeats keep a live holder's claim fresh past nothing but its own timeout
-    assert not b.acquire()
-    a.release()
-    assert not (tmp_path / "s" / "claim.json").exists()
-    assert b.acquire()
-    b.release()
-
-
-def _write_claim(path: Path, age_s: float = 0.0, **fields) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"token": "other", **fields}))
-    t = time.time() - age_s
-    os.utime(path, (t, t))
-
-
-def test_a_stale_claim_is_taken_over_a_live_one_is_not(tmp_path):
-    ident = D._host_identity()
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    dead.wait()  # reaped: its pid no longer names a process
-    cases = [
-        ({"host": "elsewhere", "pid": 1}, 0.0, False),  # another machine, fresh heartbeat: live
-        ({"host": "elsewhere", "pid": 1}, 60.0, True),  # heartbeat older than the timeout: stale
-        ({**ident, "pid": os.getpid(), "pid_start": D._proc_stat(os.getpid())[1]}, 0.0, False),  # us: alive
-        ({**ident, "pid": dead.pid, "pid_start": None}, 0.0, True),  # same host, dead pid: stale at once
-        ({**ident, "pid": os.getpid(), "pid_start": "1"}, 0.0, True),  # our pid, another start: pid reused
-        ({**ident, "boot_id": "an-earlier-boot", "pid": os.getpid()}, 0.0, True),  # host rebooted since
-        ({}, 0.0, False),  # unreadable (being written): judged by its age only
-    ]
-    for i, (fields, age, stale) in enumerate(cases):
-        d = tmp_path / f"s{i}"
-        _write_claim(d / "claim.json", age, **fields)
-        c = D.StageClaim(d, heartbeat_s=1.0, stale_after_s=10.0)
-        assert c.acquire() is stale, (fields, age)
-        assert json.loads((d / "claim.json").read_text())["token"] == (c.token if stale else "other")
-        c.release()
-
-
-def test_racing_workers_take_over_a_stale_claim_exactly_once(tmp_path):
-    _write_claim(tmp_path / "s" / "claim.json", 60.0, host="elsewhere", pid=1)
-    claims = [D.StageClaim(tmp_path / "s", heartbeat_s=1.0, stale_after_s=10.0) for _ in range(8)]
-    start, won = threading.Barrier(len(claims)), []
-
-    def go(c):
-        start.wait()
-        won.append(c.acquire())
-
-    threads = [threading.Thread(target=go, args=(c,)) for c in claims]
-    [t.start() for t in threads]
-    [t.join() for t in threads]
-    assert sorted(won) == [False] * 7 + [True]
-    [c.release() for c in claims]
-
-
-def test_heartbeat_refreshes_the_claim_and_notices_a_takeover(tmp_path):
-    c = D.StageClaim(tmp_path / "s", **FAST)
-    assert c.acquire()
-    old = time.time() - 100
-    os.utime(c.path, (old, old))
-    time.sleep(0.3)
-    assert c.path.stat().st_mtime > old + 50 and not c.lost
-    _write_claim(c.path, 0.0, host="elsewhere", pid=1)  # another worker replaced it (judged it stale)
-    time.sleep(0.3)
-    assert c.lost
-    c.release()  # must not delete the other worker's claim
-    assert json.loads(c.path.read_text())["token"] == "other"
-    with pytest.raises(ValueError, match="3 x heartbeat_s"):
-        D.StageClaim(tmp_path / "t", heartbeat_s=10, stale_after_s=20)
-
-
-def test_run_claimed_trains_skips_waits_and_loads(tmp_path):
-    calls = []
-    done = tmp_path / "s" / "metrics.json"
-
-    def work():
-        calls.append(1)
-        done.parent.mkdir(parents=True, exist_ok=True)
-        done.write_text("{}")
-        return "model"
-
-    held = D.StageClaim(tmp_path / "s", **FAST)
-    assert held.acquire()
-    opts = dict(is_complete=done.is_file, poll_s=0.05, **FAST)
-    assert D.run_claimed(tmp_path / "s", work, wait=False, **opts) == (D.ClaimStatus.BUSY, None) and not calls
-    threading.Timer(0.3, held.release).start()  # the holder finishes later (without completing)
-    assert D.run_claimed(tmp_path / "s", work, wait=True, **opts) == (D.ClaimStatus.TRAINED, "model")
-    assert D.run_claimed(tmp_path / "s", work, wait=False, **opts) == (D.ClaimStatus.DONE, "model")
-    assert len(calls) == 2 and not (tmp_path / "s" / "claim.json").exists()
-
-
-# ------------------------------------------------------------------------------------------------------
-# Workers sharing one run directory: a 4-budget grid
-# ------------------------------------------------------------------------------------------------------
-
-GRID = (0, 2, 4, 6)
-
-
-def _grid_worker(out: str, go: str, report: str, epochs: int) -> None:
-    """An ``afs reproduce --worker``-style process: train the grid through claims, report what it trained."""
-    from afs.pipeline import Pipeline, ProfileData
-
-    torch.set_num_threads(1)
-    pipe = Pipeline(_profile(epochs=epochs, budgets=GRID), out, device="cpu", progress=False, share_dir=True,
-                    claims=D.ClaimSettings(heartbeat_s=0.1, stale_after_s=3.0, poll_s=0.1))
-    x, y = _test_set(8)
-    test = ImageData(x, y, tuple(f"c{i}" for i in range(4)), "rand", "test")
-    pipe._data = ProfileData(_data(), test, torch.arange(4), torch.arange(4), torch.arange(4))  # tiny in-memory data
-    Path(go + f".ready{os.getpid()}").touch()
-    while not Path(go).exists():  # start together, so both race for the same first stage
-        time.sleep(0.01)
-    Path(report).write_text(json.dumps(pipe.train_shared(extractors=GRID, stacks=())))
-
-
-def _start_workers(tmp_path: Path, n: int, epochs: int, tag: str) -> list:
-    procs = [SPAWN.Process(target=_grid_worker, args=(str(tmp_path / "runs"), str(tmp_path / f"go{tag}"),
-                                                     str(tmp_path / f"report{tag}{i}.json"), epochs))
-             for i in range(n)]
-    [p.start() for p in procs]
-    deadline = time.time() + 60
-    while len(list(tmp_path.glob(f"go{tag}.ready*"))) < n:
-        assert time.time() < deadline, "workers did not start"
-        time.sleep(0.02)
-    (tmp_path / f"go{tag}").touch()
-    return procs
-
-
-def _stage_dirs(tmp_path: Path) -> list[Path]:
-    return [tmp_path / "runs" / "smoke" / "extractors" / f"eps{b}" for b in GRID]
-
-
-def test_two_workers_share_a_grid_without_doing_a_stage_twice(tmp_path):
-    procs = _start_workers(tmp_path, 2, epochs=2, tag="")
-    for p in procs:
-        p.join(120)
-        assert p.exitcode == 0
-    reports = [json.loads((tmp_path / f"report{i}.json").read_text()) for i in range(2)]
-    trained = [{k for k, v in r.items() if v == "trained"} for r in reports]
-    assert not trained[0] & trained[1]  # no stage trained by both
-    assert trained[0] | trained[1] == {f"extractors/eps{b}" for b in GRID}  # none skipped
-    assert trained[0] and trained[1]  # both worked: the grid was shared, not serialised
-    for d in _stage_dirs(tmp_path):
-        assert (d / "metrics.json").is_file() and not (d / "claim.json").exists()
-        assert [r["epoch"] for r in _log(d)] == [0, 1]  # each epoch trained once
-
-
-def test_a_worker_killed_mid_stage_is_restarted_and_completes_the_grid(tmp_path):
-    (proc,) = _start_workers(tmp_path, 1, epochs=3, tag="a")
-    deadline, victim = time.time() + 120, None
-    while victim is None:  # kill it once a stage is mid-way: a checkpoint written, not yet complete
-        assert time.time() < deadline and proc.is_alive(), "never caught the worker mid-stage"
-        victim = next((d for d in _stage_dirs(tmp_path)
-                       if (d / "state.pt").exists() and (d / "claim.json").exists() and not (d / "metrics.json").exists()),
-                      None)
-        time.sleep(0.005)
-    proc.kill()
-    proc.join()
-    assert (victim / "claim.json").exists() and not (victim / "metrics.json").exists()  # the dead worker's claim
-    (proc,) = _start_workers(tmp_path, 1, epochs=3, tag="b")  # the restart: same command, same directory
-    proc.join(120)
-    assert proc.exitcode == 0
-    report = json.loads((tmp_path / "reportb0.json").read_text())
-    assert report[str(victim.relative_to(tmp_path / "runs" / "smoke"))] == "trained"  # taken over and resumed
-    for d in _stage_dirs(tmp_path):
-        assert (d / "metrics.json").is_file() and not (d / "claim.json").exists()
-        assert [r["epoch"] for r in _log(d)] == [0, 1, 2]  # resumed from state.pt: no epoch logged twice
-
-
 def test_cli_refuses_what_torchrun_cannot_parallelise(monkeypatch, capsys):
     from afs.cli import main
 
@@ -425,4 +244,4 @@ def test_cli_refuses_what_torchrun_cannot_parallelise(monkeypatch, capsys):
     assert main(["train-merger", "--profile", "smoke"]) == 2
     assert "not data-parallel" in capsys.readouterr().err
     assert main(["reproduce", "--profile", "smoke"]) == 2
-    assert "--worker" in capsys.readouterr().err
+    assert "--executor local|slurm" in capsys.readouterr().err
