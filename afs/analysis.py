@@ -239,15 +239,15 @@ def model_costs(depth: int, widen_factor: int, members: int = 1, num_classes: in
     """Parameters (M) and forward cost (GFLOP and GMAC per 1x3x32x32 image) of a WRN-depth-widen network,
     or of a stack of ``members`` of them plus one merger, counted on the ``meta`` device (no memory, so
     WRN-28-30 with its 328M parameters is free to count). FLOPs from ``torch.utils.flop_counter`` via
-    `afs.models.count_flops`; one multiply-accumulate is two FLOPs (the paper's "Flops" are MACs)."""
-    from afs.models import WideResNet, count_flops, count_parameters
+    `afs.models.model_cost`; one multiply-accumulate is two FLOPs (the paper's "Flops" are MACs)."""
+    from afs.models import WideResNet, model_cost
 
     if members < 1:
         raise ValueError(f"members must be >= 1, got {members}")
     with torch.device("meta"):
         net = WideResNet(depth, widen_factor, num_classes)
-    params = count_parameters(net)
-    flops = count_flops(net)
+    cost = model_cost(net)
+    params, flops = cost["params"], cost["flops"]
     if members > 1:
         # Members' heads are not used by the stack; the merger reads n * feature_dim features.
         head = sum(p.numel() for p in net.head.parameters())

@@ -1,6 +1,6 @@
 """What a profile's ``afs reproduce`` costs, stage by stage, predicted from FLOP counts (``afs profiles --estimate``).
 
-The unit is one *pass*: a forward of one image through a network (``afs.models.count_flops``). A forward
+The unit is one *pass*: a forward of one image through a network (``afs.models.model_cost``). A forward
 and a backward together cost ``FWD_BWD`` = 3 passes: the input-gradient step of PGD and the SGD step of
 training alike (an attack skips the weight gradients, so 3 over-counts it a little; the CPU figure below
 is measured on PGD steps and so absorbs the difference). Each stage is a sum of `Work` items, images x
@@ -29,7 +29,7 @@ import torch
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.evaluation import parse_attack
 from afs.merger import split_count
-from afs.models import build_model, count_flops
+from afs.models import build_model, model_cost
 
 __all__ = ["Work", "Stage", "Throughput", "H200", "attack_passes", "AUTOATTACK_PASSES", "stages",
            "measure_cpu", "throughput_for", "format_estimate"]
@@ -144,7 +144,7 @@ def stages(profile: Profile) -> list[Stage]:
         mc = mc or p.model
         if mc not in flops:
             with torch.device("meta"):  # shapes only: counting WRN-28-30 this way takes no compute
-                flops[mc] = float(count_flops(build_model(mc, classes)))
+                flops[mc] = float(model_cost(build_model(mc, classes))["flops"])
         return flops[mc]
 
     n_val = p.data.val_size
@@ -235,7 +235,7 @@ def measure_cpu(profile: Profile, target_s: float = 2.0) -> Throughput:
 
     device = torch.device("cpu")
     model = build_model(profile.model, 10).to(memory_format=torch.channels_last).eval()
-    f = float(count_flops(model))
+    f = float(model_cost(model)["flops"])
     batch = int(min(64, max(2, 2e10 // f)))  # ~20 GFLOP a batch forward: under a second a step
     x = torch.rand(batch, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     y = torch.zeros(batch, dtype=torch.long)

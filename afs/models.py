@@ -1,14 +1,12 @@
-"""Networks used as feature extractors: WideResNet (the paper's WRN-28-10), PreActResNet-18, and a small
-VGG-style CNN that the ``cpu`` profile trains on 2 CPU cores.
+"""Feature extractors: WideResNet (the paper's WRN-28-10), PreActResNet-18, and a small VGG-style CNN that the
+``cpu`` profile trains on 2 CPU cores.
 
-Every model here
+Every model takes images in [0, 1] (per-channel normalisation is a fixed buffer inside the model, so eps 8/255
+is 8/255 in pixels) and ends the same way, which is what lets `afs.stacking.StackedModel` fuse the end::
 
-* takes images in [0, 1] pixel space (the attack's space); per-channel normalisation, if any, is a fixed
-  buffer inside the model, so an eps of 8/255 always means 8/255 in pixel units;
-* exposes ``features(x)``: the vector after the last global average pool (640-d for WRN-28-10, the
-  paper's "extracted features"), ``head``: the linear classifier on top, and ``feature_dim``;
-* records the arguments it was built with (``arch``, ``kwargs``) so a checkpoint can rebuild it, and a
-  checkpoint loaded into the wrong architecture or width is refused with a clear message.
+    feature_map(x) (B, C, h, w) -> final_bn -> ReLU -> mean over (h, w) = features(x) (B, C) -> head -> logits
+
+It records its constructor arguments (``spec()``) so a checkpoint can rebuild it and refuse the wrong network.
 """
 
 from __future__ import annotations
@@ -21,21 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from afs.io import load_torch
+from afs.io import atomic_torch_save, load_torch
 
-__all__ = [
-    "WideResNet",
-    "PreActResNet18",
-    "SmallCNN",
-    "build_model",
-    "model_from_spec",
-    "count_parameters",
-    "count_flops",
-    "save_checkpoint",
-    "load_checkpoint",
-    "load_model",
-    "CheckpointMismatchError",
-]
+__all__ = ["WideResNet", "PreActResNet18", "SmallCNN", "build_model", "model_from_spec", "model_cost",
+           "save_checkpoint", "load_checkpoint", "load_model", "CheckpointMismatchError"]
 
 # CIFAR-10 training-set statistics, used only as a fixed input normalisation inside the model.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -43,42 +30,60 @@ CIFAR_STD = (0.2471, 0.2435, 0.2616)
 
 
 class _Normalize(nn.Module):
-    """(x - mean) / std with fixed buffers: keeps the model's input in [0, 1] pixel space."""
+    """(x - mean) / std with fixed, non-persistent buffers (they are not weights)."""
 
-    def __init__(self, mean: tuple[float, ...] | None, std: tuple[float, ...] | None) -> None:
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         super().__init__()
-        self.enabled = mean is not None
-        if self.enabled:
-            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
-            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return (x - self.mean) / self.std if self.enabled else x
+        return (x - self.mean) / self.std
 
 
 class _ExtractorBase(nn.Module):
-    """Shared interface: ``features`` -> ``head`` -> logits, plus the spec used by checkpoints."""
+    """The shared interface: ``feature_map`` -> ``final_bn`` + ReLU + pool = ``features`` -> ``head``."""
 
     arch: str
     feature_dim: int
     num_classes: int
+    bn: nn.BatchNorm2d  # the final BN; named "bn" because every checkpoint's state dict says "bn.*"
     head: nn.Linear
 
-    def __init__(self, **kwargs: Any) -> None:
+    def __init__(self, mean: Any, std: Any, **kwargs: Any) -> None:
         super().__init__()
-        self.kwargs = dict(kwargs)  # what `model_from_spec` needs to rebuild this exact network
+        if kwargs["num_classes"] < 2:
+            raise ValueError(f"need num_classes >= 2, got {kwargs['num_classes']}")
+        mean, std = (None if v is None else tuple(float(a) for a in v) for v in (mean, std))
+        self.kwargs = {**kwargs, "mean": mean, "std": std}  # what `model_from_spec` rebuilds this network from
+        self.normalize = _Normalize(mean, std) if mean is not None else nn.Identity()
+
+    def _finish(self, width: int) -> None:
+        # Final BN, then the linear head, then the init: this construction order fixes the RNG draws.
+        self.bn = nn.BatchNorm2d(width)
+        self.feature_dim, self.num_classes = width, self.kwargs["num_classes"]
+        self.head = nn.Linear(width, self.num_classes)
+        for m in self.modules():  # He-normal convs (fan_out), unit BN, zero linear bias: the usual WRN init
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.zeros_(m.bias)
+
+    @property
+    def final_bn(self) -> nn.BatchNorm2d:
+        """The BatchNorm2d applied to ``feature_map(x)`` before the final ReLU and the pool."""
+        return self.bn
 
     def feature_map(self, x: Tensor) -> Tensor:
-        """The last convolutional activations *before* the final BN + ReLU + pooling, (B, C, h, w)."""
-        raise NotImplementedError
-
-    def pool(self, fmap: Tensor) -> Tensor:
-        """Final BN-affine + ReLU + global average pool: (B, C, h, w) -> (B, C)."""
+        """The last feature map *before* the final BN, (B, C, h, w)."""
         raise NotImplementedError
 
     def features(self, x: Tensor) -> Tensor:
-        """The penultimate features g(x) of Eq. 2, (B, feature_dim)."""
-        return self.pool(self.feature_map(x))
+        """g(x) of Eq. 2: relu(final_bn(feature_map(x))) averaged over (h, w), (B, feature_dim)."""
+        return F.relu(self.bn(self.feature_map(x))).mean(dim=(2, 3))
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))
@@ -89,9 +94,6 @@ class _ExtractorBase(nn.Module):
     def extra_repr(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items() if k not in ("mean", "std"))
         return f"{args}, feature_dim={self.feature_dim}"
-
-
-# --- WideResNet (Zagoruyko & Komodakis 2016), pre-activation blocks as in Madry et al. / Rice et al. -----
 
 
 class _PreActBlock(nn.Module):
@@ -118,27 +120,20 @@ class _PreActBlock(nn.Module):
 
 
 class WideResNet(_ExtractorBase):
-    """WRN-depth-k. WRN-28-10 on 32x32 inputs: 36.48M parameters, 640-d features, 10.49 GFLOP forward."""
+    """WRN-depth-k (Zagoruyko & Komodakis 2016) with pre-activation blocks as in Madry et al. / Rice et al.
+    WRN-28-10 on 32x32 inputs: 36.48M parameters, 640-d features, 10.49 GFLOP forward."""
 
     arch = "wrn"
 
-    def __init__(
-        self,
-        depth: int = 28,
-        widen_factor: int = 10,
-        num_classes: int = 10,
-        mean: tuple[float, ...] | None = CIFAR_MEAN,
-        std: tuple[float, ...] | None = CIFAR_STD,
-    ) -> None:
+    def __init__(self, depth: int = 28, widen_factor: int = 10, num_classes: int = 10,
+                 mean: tuple[float, ...] | None = CIFAR_MEAN, std: tuple[float, ...] | None = CIFAR_STD) -> None:
         if (depth - 4) % 6 != 0 or depth < 10:
             raise ValueError(f"WideResNet depth must be 6n + 4 with n >= 1 (10, 16, 22, 28, ...), got {depth}")
-        if widen_factor < 1 or num_classes < 2:
-            raise ValueError(f"need widen_factor >= 1 and num_classes >= 2, got {widen_factor}, {num_classes}")
-        mean, std = _tuple_or_none(mean), _tuple_or_none(std)
-        super().__init__(depth=depth, widen_factor=widen_factor, num_classes=num_classes, mean=mean, std=std)
+        if widen_factor < 1:
+            raise ValueError(f"need widen_factor >= 1, got {widen_factor}")
+        super().__init__(mean, std, depth=depth, widen_factor=widen_factor, num_classes=num_classes)
         n = (depth - 4) // 6  # blocks per group
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
-        self.normalize = _Normalize(mean, std)
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
         groups = []
         for g, stride in enumerate((1, 2, 2)):
@@ -146,84 +141,51 @@ class WideResNet(_ExtractorBase):
                       for i in range(n)]
             groups.append(nn.Sequential(*blocks))
         self.block1, self.block2, self.block3 = groups
-        self.bn = nn.BatchNorm2d(widths[3])  # final BN + ReLU before pooling
-        self.feature_dim = widths[3]
-        self.num_classes = num_classes
-        self.head = nn.Linear(widths[3], num_classes)
-        _init_weights(self)
+        self._finish(widths[3])
 
     def feature_map(self, x: Tensor) -> Tensor:
         o = self.conv1(self.normalize(x))
         return self.block3(self.block2(self.block1(o)))  # (B, 64k, 8, 8) at 32x32 input
 
-    def pool(self, fmap: Tensor) -> Tensor:
-        return F.relu(self.bn(fmap)).mean(dim=(2, 3))
-
-
-# --- PreActResNet-18 (He et al. 2016), the network of Rice et al.'s PGD-AT baselines -----------------
 
 class PreActResNet18(_ExtractorBase):
-    """PreActResNet-18: 11.17M parameters, 512-d features."""
+    """PreActResNet-18 (He et al. 2016), Rice et al.'s PGD-AT baseline: 11.17M parameters, 512-d features."""
 
     arch = "preact_resnet18"
 
-    def __init__(
-        self,
-        num_classes: int = 10,
-        mean: tuple[float, ...] | None = CIFAR_MEAN,
-        std: tuple[float, ...] | None = CIFAR_STD,
-    ) -> None:
-        if num_classes < 2:
-            raise ValueError(f"need num_classes >= 2, got {num_classes}")
-        mean, std = _tuple_or_none(mean), _tuple_or_none(std)
-        super().__init__(num_classes=num_classes, mean=mean, std=std)
-        self.normalize = _Normalize(mean, std)
+    def __init__(self, num_classes: int = 10, mean: tuple[float, ...] | None = CIFAR_MEAN,
+                 std: tuple[float, ...] | None = CIFAR_STD) -> None:
+        super().__init__(mean, std, num_classes=num_classes)
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
         layers, c_in = [], 64
         for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             layers.append(nn.Sequential(_PreActBlock(c_in, c_out, stride), _PreActBlock(c_out, c_out, 1)))
             c_in = c_out
         self.layers = nn.Sequential(*layers)
-        self.bn = nn.BatchNorm2d(512)
-        self.feature_dim = 512
-        self.num_classes = num_classes
-        self.head = nn.Linear(512, num_classes)
-        _init_weights(self)
+        self._finish(512)
 
     def feature_map(self, x: Tensor) -> Tensor:
         return self.layers(self.conv1(self.normalize(x)))  # (B, 512, 4, 4) at 32x32 input
 
-    def pool(self, fmap: Tensor) -> Tensor:
-        return F.relu(self.bn(fmap)).mean(dim=(2, 3))
-
-
-# --- a small VGG-style CNN: the cpu profile's extractor -------------------------------------------------
 
 class SmallCNN(_ExtractorBase):
-    """Five 3x3 conv-BN-ReLU layers of widths (w, w, 2w, 2w, 4w), w = 16 * widen_factor, max-pooled after
-    the 2nd and 4th; widen_factor 2 gives 32-32-64-64-128: 0.29M parameters, 128-d features, 0.058 GFLOP.
+    """Five 3x3 convs of widths (w, w, 2w, 2w, 4w), w = 16 * widen_factor, each but the last followed by
+    BN-ReLU, max-pooled after the 2nd and 4th; the last conv's map goes through the final BN like the WRN's.
+    widen_factor 2: 32-32-64-64-128, 0.29M parameters, 128-d features, 0.058 GFLOP.
 
-    Why it exists: on 2 CPU cores a PGD-AT epoch of this network under bf16 autocast costs about what a
-    WRN-10-1 epoch does, and at 10,000 images and a few epochs it learns much more (no residual stages at
-    4x4 resolution to starve). The `paper` and `quick` profiles keep the paper's WideResNet.
+    Why: on 2 CPU cores a bf16 PGD-AT epoch of it costs about a WRN-10-1 epoch, and at 10,000 images and a
+    few epochs it learns much more. The ``paper`` and ``quick`` profiles keep the paper's WideResNet.
     """
 
     arch = "cnn"
 
-    def __init__(
-        self,
-        widen_factor: int = 2,
-        num_classes: int = 10,
-        mean: tuple[float, ...] | None = CIFAR_MEAN,
-        std: tuple[float, ...] | None = CIFAR_STD,
-    ) -> None:
-        if widen_factor < 1 or num_classes < 2:
-            raise ValueError(f"need widen_factor >= 1 and num_classes >= 2, got {widen_factor}, {num_classes}")
-        mean, std = _tuple_or_none(mean), _tuple_or_none(std)
-        super().__init__(widen_factor=widen_factor, num_classes=num_classes, mean=mean, std=std)
+    def __init__(self, widen_factor: int = 2, num_classes: int = 10, mean: tuple[float, ...] | None = CIFAR_MEAN,
+                 std: tuple[float, ...] | None = CIFAR_STD) -> None:
+        if widen_factor < 1:
+            raise ValueError(f"need widen_factor >= 1, got {widen_factor}")
+        super().__init__(mean, std, widen_factor=widen_factor, num_classes=num_classes)
         w = 16 * widen_factor
         widths = (w, w, 2 * w, 2 * w, 4 * w)
-        self.normalize = _Normalize(mean, std)
         layers: list[nn.Module] = []
         c_in = 3
         for i, c_out in enumerate(widths[:-1]):
@@ -232,37 +194,12 @@ class SmallCNN(_ExtractorBase):
                 layers.append(nn.MaxPool2d(2))  # 32x32 -> 16x16 -> 8x8
             c_in = c_out
         self.body = nn.Sequential(*layers)
-        self.conv = nn.Conv2d(c_in, widths[-1], 3, 1, 1, bias=False)  # the last conv: (B, 4w, 8, 8)
-        self.bn = nn.BatchNorm2d(widths[-1])  # final BN + ReLU before pooling, as in the WRN
-        self.feature_dim = widths[-1]
-        self.num_classes = num_classes
-        self.head = nn.Linear(widths[-1], num_classes)
-        _init_weights(self)
+        self.conv = nn.Conv2d(c_in, widths[-1], 3, 1, 1, bias=False)
+        self._finish(widths[-1])
 
     def feature_map(self, x: Tensor) -> Tensor:
-        return self.conv(self.body(self.normalize(x)))  # (B, 64k, 8, 8) at 32x32 input
+        return self.conv(self.body(self.normalize(x)))  # (B, 4w, 8, 8) at 32x32 input
 
-    def pool(self, fmap: Tensor) -> Tensor:
-        return F.relu(self.bn(fmap)).mean(dim=(2, 3))
-
-
-def _tuple_or_none(v: Any) -> tuple[float, ...] | None:
-    return None if v is None else tuple(float(a) for a in v)
-
-
-def _init_weights(model: nn.Module) -> None:
-    # He-normal convs (fan_out), unit BN, zero linear bias: the usual WRN initialisation.
-    for m in model.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
-
-
-# --- construction, counting ---------------------------------------------------------------------------
 
 _ARCHS: dict[str, type[_ExtractorBase]] = {"wrn": WideResNet, "preact_resnet18": PreActResNet18, "cnn": SmallCNN}
 
@@ -284,30 +221,23 @@ def build_model(config: Any, num_classes: int) -> _ExtractorBase:
     return model_from_spec({"arch": config.arch, "kwargs": {"num_classes": num_classes}})
 
 
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def model_cost(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, int]:
+    """``{"params": parameter count, "flops": forward FLOPs of one input_shape batch}``.
 
-
-def count_flops(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> int:
-    """Forward FLOPs counted by ``torch.utils.flop_counter`` (one multiply-accumulate = 2 FLOPs).
-
-    The paper's Table VI "Flops (G)" column counts multiply-accumulates, i.e. half of this number
-    (WRN-28-10: 10.49 GFLOP here, 5.24 G in the paper).
+    FLOPs by ``torch.utils.flop_counter`` (one multiply-accumulate = 2 FLOPs); the paper's Table VI "Flops (G)"
+    counts multiply-accumulates, half of this (WRN-28-10: 10.49 GFLOP here, 5.24 G there).
     """
     from torch.utils.flop_counter import FlopCounterMode
 
-    device = next(model.parameters()).device
-    was_training = model.training
+    flags = [(m, m.training) for m in model.modules()]  # restored per module (a stack's members stay eval)
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(input_shape, device=device))
+            model(torch.zeros(input_shape, device=next(model.parameters()).device))
     finally:
-        model.train(was_training)
-    return int(counter.get_total_flops())
-
-
-# --- checkpoints ------------------------------------------------------------------------------------
+        for m, flag in flags:
+            m.training = flag
+    return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
 
 
 class CheckpointMismatchError(ValueError):
@@ -316,10 +246,8 @@ class CheckpointMismatchError(ValueError):
 
 def save_checkpoint(model: _ExtractorBase, path: str | os.PathLike, **extra: Any) -> None:
     """Save weights with the architecture and its arguments, atomically. ``extra`` must be plain data."""
-    from afs.io import atomic_torch_save
-
-    payload = {"format": "afs-model/1", **model.spec(), "state_dict": model.state_dict(), "extra": extra}
-    atomic_torch_save(payload, Path(path))
+    atomic_torch_save({"format": "afs-model/1", **model.spec(), "state_dict": model.state_dict(), "extra": extra},
+                      Path(path))
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
@@ -333,11 +261,10 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     return payload
 
 
-def load_model(
-    path: str | os.PathLike, model: _ExtractorBase | None = None, map_location: Any = "cpu"
-) -> _ExtractorBase:
-    """Load a checkpoint. With ``model=None`` the network is rebuilt from the saved spec; otherwise the
-    checkpoint must describe exactly ``model``'s architecture and arguments, or `CheckpointMismatchError`."""
+def load_model(path: str | os.PathLike, model: _ExtractorBase | None = None,
+               map_location: Any = "cpu") -> _ExtractorBase:
+    """Load a checkpoint, into a network rebuilt from its spec (``model=None``) or into ``model``, which must
+    have exactly the saved architecture and arguments (else `CheckpointMismatchError`)."""
     payload = load_checkpoint(path, map_location)
     saved = {"arch": payload["arch"], "kwargs": _normalise_kwargs(payload["kwargs"])}
     if model is None:
@@ -345,9 +272,7 @@ def load_model(
     else:
         want = {"arch": model.arch, "kwargs": _normalise_kwargs(model.kwargs)}
         if saved != want:
-            raise CheckpointMismatchError(
-                f"checkpoint {path} holds {_describe(saved)} but the model is {_describe(want)}"
-            )
+            raise CheckpointMismatchError(f"checkpoint {path} holds {_describe(saved)} but the model is {_describe(want)}")
     model.load_state_dict(payload["state_dict"])
     return model
 

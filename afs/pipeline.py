@@ -36,7 +36,7 @@ from afs.evaluation import PROTOCOL as EVAL_PROTOCOL
 from afs.evaluation import evaluate, trade_off
 from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json, state_hash
 from afs.merger import MergerMode, train_merger
-from afs.models import build_model, count_flops, count_parameters
+from afs.models import model_cost
 from afs.stacking import LogitEnsemble, StackedModel
 from afs.runs import RunDir, configure_numerics
 from afs.training import TrainData, budget_name, train_extractor
@@ -436,9 +436,9 @@ class Pipeline:
         ):
             acc = (e8 if setting.startswith("Baseline") else st if setting == "AFS"
                    else {"key": self.key(d), **self.evaluate(model, d, ("clean", "pgd20"))})
-            flops = count_flops(model)
-            rows.append({"setting": setting, "key": acc["key"], "params_M": count_parameters(model) / 1e6,
-                         "flops_G": flops / 1e9, "macs_G": flops / 2e9,
+            cost = model_cost(model)
+            rows.append({"setting": setting, "key": acc["key"], "params_M": cost["params"] / 1e6,
+                         "flops_G": cost["flops"] / 1e9, "macs_G": cost["flops"] / 2e9,
                          "clean": acc["clean"], "pgd20": acc["pgd20"]})
         return rows
 
@@ -623,17 +623,6 @@ def run_name(profile: Profile) -> str:
     if changes:
         name += "-set" + hashlib.sha256("\n".join(changes).encode()).hexdigest()[:8]
     return name
-
-
-def default_summary_path(profile: str, out: str | Path = "runs") -> Path:
-    return Path(out) / profile / "summary.json"
-
-
-def describe_model(model_config: ModelConfig, num_classes: int = 10) -> dict[str, float]:
-    """Parameters (M) and forward FLOPs (G, and G multiply-accumulates as in Table VI) of a network."""
-    m = build_model(model_config, num_classes)
-    f = count_flops(m)
-    return {"params_M": count_parameters(m) / 1e6, "flops_G": f / 1e9, "macs_G": f / 2e9}
 
 
 # --- summary.json schema ------------------------------------------------------------------------------

@@ -1,13 +1,7 @@
 """The stacked model of Eq. 1-2 and the paper's "naive approach" baseline.
 
-``StackedModel``: n frozen extractors g_i, their features concatenated, one linear merger on top,
-
-    z = W · [g_1(x); g_2(x); ...; g_n(x)] + b        (Eq. 1, Eq. 2)
-
-The extractors never leave eval mode and never receive gradients with respect to their parameters
-(their ``requires_grad`` is off), but gradients with respect to the *input* flow through them, so an
-attack on the stack is an adaptive white-box attack on the whole model, as in the paper's evaluation.
-
+``StackedModel``: n frozen extractors g_i, their features concatenated, one linear merger on top. An attack on
+it is an adaptive white-box attack on the whole model: input gradients flow through every member.
 ``LogitEnsemble``: the mean of the members' own classifier logits (Section II-C's "naive approach").
 """
 
@@ -18,6 +12,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from afs_kernels import merger_head
+
 __all__ = ["StackedModel", "LogitEnsemble", "importance_ratio"]
 
 
@@ -26,37 +22,29 @@ def _check_members(extractors: Sequence[nn.Module], kind: str) -> list[nn.Module
     if not members:
         raise ValueError(f"a {kind} needs at least one extractor, got an empty list")
     for i, m in enumerate(members):
-        if not (hasattr(m, "features") and hasattr(m, "feature_dim")):
-            raise TypeError(f"member {i} ({type(m).__name__}) has no features()/feature_dim: not an afs extractor")
+        # The fused forward needs each member's pre-BN feature map and final BN (the afs.models interface).
+        if not all(hasattr(m, a) for a in ("feature_map", "final_bn", "features", "feature_dim")):
+            raise TypeError(f"member {i} ({type(m).__name__}) has no feature_map()/final_bn/features()/"
+                            "feature_dim: not an afs extractor")
     classes = {getattr(m, "num_classes", None) for m in members}
     if len(classes) > 1:
         raise ValueError(f"extractors were trained for different numbers of classes: {sorted(map(str, classes))}")
-    channels = {_in_channels(m) for m in members}
+    # Every member reads the same image x, so they must agree on its channel count (first conv's input).
+    channels = {next((s.in_channels for s in m.modules() if isinstance(s, nn.Conv2d)), -1) for m in members}
     if len(channels) > 1:
         raise ValueError(f"extractors take inputs with different channel counts: {sorted(channels)}")
+    for m in members:
+        # Frozen (Section II-B): eval mode, so BN applies its running statistics; no parameter gradients.
+        m.eval()
+        m.requires_grad_(False)
     return members
-
-
-def _in_channels(m: nn.Module) -> int:
-    for sub in m.modules():
-        if isinstance(sub, nn.Conv2d):
-            return sub.in_channels
-    return -1
-
-
-def _freeze(m: nn.Module) -> None:
-    m.eval()
-    for p in m.parameters():
-        p.requires_grad_(False)
 
 
 class StackedModel(nn.Module):
     """Frozen extractors + one ``nn.Linear`` merger over their concatenated features (Eq. 1-2).
 
-    Args:
-        extractors: trained networks exposing ``features(x)`` and ``feature_dim`` (``afs.models``).
-        num_classes: outputs of the merger; must equal the extractors' own ``num_classes``.
-        budgets: the training budget of each member in 1/255, kept for labels and importance plots.
+    extractors: trained `afs.models` networks; num_classes: the merger's outputs (= the members' own);
+    budgets: each member's training eps in 1/255, kept for labels and importance plots.
     """
 
     def __init__(self, extractors: Sequence[nn.Module], num_classes: int, budgets: Sequence[float] | None = None):
@@ -68,16 +56,16 @@ class StackedModel(nn.Module):
         if budgets is not None and len(budgets) != len(members):
             raise ValueError(f"{len(budgets)} budgets given for {len(members)} extractors")
         self.extractors = nn.ModuleList(members)
-        for m in self.extractors:
-            _freeze(m)
         self.budgets = tuple(budgets) if budgets is not None else None
-        self.feature_dims = tuple(int(m.feature_dim) for m in members)
+        self.feature_dims = tuple(int(m.feature_dim) for m in members)  # d_i: 640 per WRN-28-10
         self.feature_dim = sum(self.feature_dims)
         self.num_classes = num_classes
-        self.merger = nn.Linear(self.feature_dim, num_classes)  # W: (classes, sum d_i)
+        # W: (K, sum d_i), b: (K,). Column block i of W reads member i's features (Fig. 4b's W_i).
+        self.merger = nn.Linear(self.feature_dim, num_classes)
 
     def train(self, mode: bool = True) -> "StackedModel":
-        # Only the merger follows train()/eval(); the extractors stay in eval mode (frozen BN statistics).
+        # Only the merger follows train()/eval(); the members stay in eval mode (frozen BN statistics), which
+        # is also what the fused head below requires: it folds each final BN's running statistics.
         self.training = mode
         self.merger.train(mode)
         for m in self.extractors:
@@ -85,11 +73,17 @@ class StackedModel(nn.Module):
         return self
 
     def features(self, x: Tensor) -> Tensor:
-        """G(x; Theta) of Eq. 2: the members' features side by side, (B, sum feature_dim)."""
+        """G(x) of Eq. 2: the members' features side by side, (B, sum d_i) (analysis, t-SNE)."""
         return torch.cat([m.features(x) for m in self.extractors], dim=1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.merger(self.features(x))  # Eq. 1
+        # Eq. 1-2:  z = W · concat(g_1(x), ..., g_n(x)) + b,  g_i(x) = mean_hw relu(BN_i(F_i(x))).
+        # Each member stops at its pre-BN map F_i (B, C_i, H_i, W_i); merger_head does BN_i + ReLU + pool +
+        # concat + linear in one pass over the maps (Triton on CUDA; a train-mode BN there is an error, not a
+        # silently wrong fold). Elsewhere it runs exactly merger(features(x)), so CPU numbers are unchanged.
+        fmaps = [m.feature_map(x) for m in self.extractors]
+        bns = [m.final_bn for m in self.extractors]
+        return merger_head(fmaps, bns, self.merger.weight, self.merger.bias)  # (B, K)
 
     def importance_ratio(self) -> Tensor:
         """Fig. 4b: for each member i, sum|W_i| / sum|W| over its block of merger columns; sums to 1."""
@@ -103,6 +97,7 @@ def importance_ratio(weight: Tensor, feature_dims: Sequence[int]) -> Tensor:
     """Per-block share of the merger's absolute weight mass: ``sum|W_i| / sum|W|`` (Fig. 4b)."""
     if weight.shape[1] != sum(feature_dims):
         raise ValueError(f"weight has {weight.shape[1]} columns, feature blocks sum to {sum(feature_dims)}")
+    # weight (K, sum d_i) -> n blocks (K, d_i) -> n masses -> shares.
     mass = torch.stack([blk.abs().sum() for blk in weight.detach().split(list(feature_dims), dim=1)])
     return mass / mass.sum()
 
@@ -112,12 +107,9 @@ class LogitEnsemble(nn.Module):
 
     def __init__(self, models: Sequence[nn.Module], budgets: Sequence[float] | None = None):
         super().__init__()
-        members = _check_members(models, "logit ensemble")
-        self.members = nn.ModuleList(members)
-        for m in self.members:
-            _freeze(m)
+        self.members = nn.ModuleList(_check_members(models, "logit ensemble"))
         self.budgets = tuple(budgets) if budgets is not None else None
-        self.num_classes = getattr(members[0], "num_classes", None)
+        self.num_classes = getattr(self.members[0], "num_classes", None)
 
     def train(self, mode: bool = True) -> "LogitEnsemble":
         self.training = mode  # nothing trainable: members stay in eval mode
@@ -126,4 +118,5 @@ class LogitEnsemble(nn.Module):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
+        # (n, B, K) -> (B, K): each member's own head, averaged.
         return torch.stack([m(x) for m in self.members]).mean(dim=0)

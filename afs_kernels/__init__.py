@@ -7,9 +7,9 @@ and the tests' oracle):
 - :func:`random_start` / :func:`random_start_reference`: a uniform start inside the eps-ball.
 - :func:`pgd_loop`: THE PGD loop of the project (afs.attacks, training and evaluation all call it), and
   :func:`compiled_pgd_loop` / :class:`CompiledPGD`, its ``torch.compile``d form.
-- :func:`merger_head` / :func:`merger_head_reference` (+ :func:`fold_bn`): a stack's final BN-affine + ReLU
-  + pool + concat + linear merger in one fused pass, differentiable w.r.t. the feature maps and the merger.
-- :class:`BatchedMembers`: n same-architecture extractors run as one vmapped model.
+- :func:`merger_head` / :func:`merger_head_reference` : a stack's final BN-affine + ReLU
+  + pool + concat + linear merger in one fused pass, differentiable w.r.t. the feature maps and the merger
+  (``afs.stacking.StackedModel`` runs on it).
 
 Triton runs on CPU tensors only under ``TRITON_INTERPRET=1``, which must be set before this package is
 imported (Triton reads it when the kernels are decorated).
@@ -17,8 +17,7 @@ imported (Triton reads it when the kernels are decorated).
 
 from ._common import HAS_TRITON, Backend, Norm
 from .attack_loop import CompiledPGD, compiled_pgd_loop, frozen_parameters, pgd_loop, sum_cross_entropy
-from .batched_members import BatchedMembers
-from .merger_head import fold_bn, merger_head, merger_head_reference
+from .merger_head import merger_head, merger_head_reference
 from .pgd_step import pgd_step, pgd_step_reference
 from .random_start import random_start, random_start_reference
 
@@ -35,8 +34,6 @@ __all__ = [
     "random_start",
     "random_start_reference",
     "sum_cross_entropy",
-    "BatchedMembers",
-    "fold_bn",
     "merger_head",
     "merger_head_reference",
 ]

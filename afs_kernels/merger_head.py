@@ -2,8 +2,7 @@
 the linear merger (Eq. 1-2), with the backward to the feature maps and to the merger weights.
 
 Reads top to bottom: private Triton kernels (the math above each) -> host launchers -> ``autograd.Function``
--> public ``merger_head`` (+ ``fold_bn``) -> pure-PyTorch ``merger_head_reference`` (the CPU path and the
-tests' oracle).
+-> public ``merger_head`` -> pure-PyTorch ``merger_head_reference`` (the CPU path and the tests' oracle).
 
 What it computes, for n extractors with pre-BN feature maps ``F_i`` of shape (B, C_i, H_i, W_i) (what
 ``model.feature_map(x)`` returns) and their final BatchNorm folded for eval mode into a per-channel affine
@@ -47,7 +46,7 @@ from torch import nn
 
 from ._common import TRITON_DTYPES, Backend, choose_backend, launch_device, tl, triton, triton_jit
 
-__all__ = ["merger_head", "merger_head_reference", "fold_bn"]
+__all__ = ["merger_head", "merger_head_reference"]
 
 # Tile sizes. A program holds a (BLOCK_C x BLOCK_HW) feature tile and a (BLOCK_K x BLOCK_C) weight tile
 # in registers; 4096 feature elements per tile keeps register pressure moderate at 4 warps. WRN-28-10's
@@ -297,150 +296,81 @@ class _MergerHeadFn(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------------------------
-# Validation shared by the public function and the reference
-# --------------------------------------------------------------------------------------------------------
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-
-def _validate(
-    fmaps: Any, scales: Any, shifts: Any, weight: Any, bias: Any
-) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
-    """Check shapes, dtypes and devices; return the three per-extractor lists."""
-    if isinstance(fmaps, torch.Tensor) or not isinstance(fmaps, (list, tuple)):
-        raise TypeError(f"fmaps must be a list of (B, C_i, H, W) tensors, got {type(fmaps).__name__}")
-    fmaps, n = list(fmaps), len(fmaps)
-    if n == 0:
-        raise ValueError("fmaps is empty: the merger head needs at least one extractor's feature map")
-    for name, seq in (("scales", scales), ("shifts", shifts)):
-        if isinstance(seq, torch.Tensor) or not isinstance(seq, (list, tuple)):
-            raise TypeError(f"{name} must be a list of per-channel (C_i,) tensors, got {type(seq).__name__}")
-        if len(seq) != n:
-            raise ValueError(f"{len(seq)} {name} given for {n} feature maps")
-    first = fmaps[0]
-    for i, f in enumerate(fmaps):
-        if not isinstance(f, torch.Tensor):
-            raise TypeError(f"fmaps[{i}] must be a torch.Tensor, got {type(f).__name__}")
-        if f.dim() != 4:
-            raise ValueError(f"fmaps[{i}] must be 4-D (B, C, H, W), got shape {tuple(f.shape)}")
-        if f.dtype not in _FLOAT_DTYPES:
-            raise TypeError(f"fmaps[{i}] has dtype {f.dtype}; supported: {list(_FLOAT_DTYPES)}")
-        if f.dtype != first.dtype:
-            raise TypeError(f"dtype mismatch: fmaps[{i}] is {f.dtype}, fmaps[0] is {first.dtype}")
-        if f.device != first.device:
-            raise ValueError(f"device mismatch: fmaps[{i}] is on {f.device}, fmaps[0] on {first.device}")
-        if f.shape[0] != first.shape[0]:
-            raise ValueError(f"batch mismatch: fmaps[{i}] has {f.shape[0]} samples, fmaps[0] {first.shape[0]}")
-        if f.shape[1] == 0 or f.shape[2] * f.shape[3] == 0:
-            raise ValueError(f"fmaps[{i}] has an empty channel or spatial dimension: shape {tuple(f.shape)}")
-    for name, seq in (("scales", scales), ("shifts", shifts)):
-        for i, (t, f) in enumerate(zip(seq, fmaps)):
-            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-                got = getattr(t, "dtype", type(t).__name__)
-                raise TypeError(f"{name}[{i}] must be a floating torch.Tensor, got {got}")
-            if t.shape != (f.shape[1],):
-                raise ValueError(f"{name}[{i}] must have shape ({f.shape[1]},) to match fmaps[{i}], got {tuple(t.shape)}")
-            if t.device != first.device:
-                raise ValueError(f"device mismatch: {name}[{i}] is on {t.device}, fmaps on {first.device}")
-            if t.requires_grad and torch.is_grad_enabled():
-                raise ValueError(
-                    f"{name}[{i}] requires grad, but the merger head does not differentiate w.r.t. the BN affine "
-                    "(extractors are frozen); pass detached tensors, e.g. from fold_bn"
-                )
-    total = sum(f.shape[1] for f in fmaps)
-    if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        got = getattr(weight, "dtype", type(weight).__name__)
-        raise TypeError(f"weight must be a floating torch.Tensor, got {got}")
-    if weight.dim() != 2 or weight.shape[1] != total or weight.shape[0] == 0:
-        raise ValueError(f"weight must have shape (K, sum C_i) = (K, {total}) with K >= 1, got {tuple(weight.shape)}")
-    if weight.device != first.device:
-        raise ValueError(f"device mismatch: weight is on {weight.device}, fmaps on {first.device}")
-    if bias is not None:
-        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
-            got = getattr(bias, "dtype", type(bias).__name__)
-            raise TypeError(f"bias must be a floating torch.Tensor or None, got {got}")
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must have shape ({weight.shape[0]},) to match weight, got {tuple(bias.shape)}")
-        if bias.device != first.device:
-            raise ValueError(f"device mismatch: bias is on {bias.device}, fmaps on {first.device}")
-    return fmaps, list(scales), list(shifts)
-
-
-# --------------------------------------------------------------------------------------------------------
 # Public functions
 # --------------------------------------------------------------------------------------------------------
-def fold_bn(bn: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """The eval-mode affine of a BatchNorm as ``(scale, shift)``, fp32, detached, on the BN's device.
+def _fold_bn(bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BN as a per-channel affine: ``bn(F) == F * scale + shift``, fp32, detached.
 
-    ``bn(x) == x * scale[:, None, None] + shift[:, None, None]`` in eval mode, with
-    ``scale = gamma / sqrt(running_var + eps)`` and ``shift = beta - running_mean * scale`` (gamma = 1,
-    beta = 0 for a BN without affine parameters). Folding uses the *running* statistics: the stack's
-    extractors are frozen in eval mode, so these are the statistics their BN actually applies.
+    scale = gamma / sqrt(running_var + eps), shift = beta - running_mean * scale. The running statistics
+    are the ones an eval-mode BN applies; the stack's extractors are frozen in eval mode.
     """
-    if not isinstance(bn, nn.modules.batchnorm._BatchNorm):
-        raise TypeError(f"fold_bn needs a BatchNorm module, got {type(bn).__name__}")
-    if bn.running_mean is None or bn.running_var is None:
-        raise ValueError("fold_bn needs running statistics; this BatchNorm was built with track_running_stats=False")
     with torch.no_grad():
         mean, var = bn.running_mean.float(), bn.running_var.float()
         gamma = bn.weight.float() if bn.weight is not None else torch.ones_like(mean)
         beta = bn.bias.float() if bn.bias is not None else torch.zeros_like(mean)
         scale = gamma / torch.sqrt(var + bn.eps)
-        shift = beta - mean * scale
-    return scale.contiguous(), shift.contiguous()
+        return scale.contiguous(), (beta - mean * scale).contiguous()
+
+
+def _check(fmaps: Sequence[torch.Tensor], bns: Sequence[nn.Module], weight: torch.Tensor) -> None:
+    """One check of the inputs both paths share; the kernels then index without re-checking."""
+    if len(fmaps) == 0 or len(fmaps) != len(bns):
+        raise ValueError(f"need one BatchNorm per feature map and at least one of each, got {len(fmaps)} "
+                         f"feature maps and {len(bns)} BatchNorms")
+    for i, (f, bn) in enumerate(zip(fmaps, bns)):
+        if not isinstance(bn, nn.BatchNorm2d) or bn.running_mean is None:
+            raise TypeError(f"bns[{i}] must be a BatchNorm2d with running statistics, got {type(bn).__name__}")
+        if f.dim() != 4 or f.shape[1] != bn.num_features or f.shape[0] != fmaps[0].shape[0]:
+            raise ValueError(f"fmaps[{i}] must be (B, {bn.num_features}, H, W) with B = {fmaps[0].shape[0]}, "
+                             f"got {tuple(f.shape)}")
+    total = sum(f.shape[1] for f in fmaps)
+    if weight.dim() != 2 or weight.shape[1] != total:
+        raise ValueError(f"weight must be (K, sum C_i) = (K, {total}), got {tuple(weight.shape)}")
 
 
 def merger_head(
     fmaps: Sequence[torch.Tensor],
-    scales: Sequence[torch.Tensor],
-    shifts: Sequence[torch.Tensor],
+    bns: Sequence[nn.Module],
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     backend: Backend | str = "auto",
 ) -> torch.Tensor:
-    """Logits ``concat_i(mean_hw(relu(scale_i * F_i + shift_i))) @ weight.T + bias`` of shape (B, K).
+    """Logits ``concat_i(mean_hw(relu(bn_i(F_i)))) @ weight.T + bias``, (B, K): Eq. 2 then Eq. 1.
 
-    Args:
-        fmaps: n pre-BN feature maps (B, C_i, H_i, W_i), e.g. ``member.feature_map(x)``; one dtype (fp32,
-            bf16, fp16) and device; any memory format (NCHW, channels_last or strided views, read in place).
-        scales, shifts: n per-channel (C_i,) fp32 tensors, the folded eval-mode BN (:func:`fold_bn`);
-            they receive no gradient and must not require one.
-        weight: merger weight (K, sum C_i). bias: (K,) or None.
-        backend: ``"auto"`` (Triton on CUDA when importable, else the reference), ``"triton"`` (forced; on
-            CPU only under ``TRITON_INTERPRET=1``) or ``"reference"``.
-
-    Differentiable w.r.t. every feature map (the attack's path to the input), ``weight`` and ``bias``
-    (merger training). Computes in fp32; the logits have the feature maps' dtype.
+    fmaps: the n members' pre-BN feature maps (B, C_i, H_i, W_i) (``member.feature_map(x)``), any memory
+    format. bns: each member's final BatchNorm2d, in eval mode (its running statistics are folded into a
+    per-channel affine; it receives no gradient). weight (K, sum C_i), bias (K,) or None: the merger.
+    backend: "auto" (the Triton kernel on CUDA tensors, the reference elsewhere), "triton", "reference".
+    Differentiable w.r.t. every feature map (the attack's path to the input), weight and bias.
     """
-    fmaps_, scales_, shifts_ = _validate(fmaps, scales, shifts, weight, bias)
-    if choose_backend(backend, fmaps_[0], _merger_head_fwd_kernel) is Backend.REFERENCE:
-        return merger_head_reference(fmaps_, scales_, shifts_, weight, bias)
-    if fmaps_[0].dtype not in TRITON_DTYPES:
-        raise TypeError(
-            f"the Triton merger head supports {list(TRITON_DTYPES)}, got {fmaps_[0].dtype}; use backend='reference'"
-        )
-    if fmaps_[0].shape[0] == 0:  # an empty batch: nothing to launch, the reference returns (0, K)
-        return merger_head_reference(fmaps_, scales_, shifts_, weight, bias)
-    # The kernels index scale/shift as dense fp32 vectors; folding produces exactly that (a no-op then).
-    scales_ = [s.float().contiguous() for s in scales_]
-    shifts_ = [t.float().contiguous() for t in shifts_]
-    return _MergerHeadFn.apply(weight, bias, len(fmaps_), *fmaps_, *scales_, *shifts_)
+    _check(fmaps, bns, weight)
+    if choose_backend(backend, fmaps[0], _merger_head_fwd_kernel) is Backend.REFERENCE:
+        return _reference(fmaps, bns, weight, bias)
+    if any(bn.training for bn in bns):
+        # Train-mode BN normalises by the batch's statistics, which the folded affine does not know.
+        raise ValueError("the fused merger head folds eval-mode BatchNorms; put the extractors in eval mode")
+    if fmaps[0].dtype not in TRITON_DTYPES:
+        raise TypeError(f"the Triton merger head supports {list(TRITON_DTYPES)}, got {fmaps[0].dtype}")
+    if fmaps[0].shape[0] == 0:  # an empty batch: nothing to launch
+        return _reference(fmaps, bns, weight, bias)
+    folded = [_fold_bn(bn) for bn in bns]
+    scales, shifts = [s for s, _ in folded], [t for _, t in folded]
+    return _MergerHeadFn.apply(weight, bias, len(fmaps), *fmaps, *scales, *shifts)
 
 
 def merger_head_reference(
-    fmaps: Sequence[torch.Tensor],
-    scales: Sequence[torch.Tensor],
-    shifts: Sequence[torch.Tensor],
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
+    fmaps: Sequence[torch.Tensor], bns: Sequence[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    """Pure-PyTorch :func:`merger_head` (the CPU path and the kernels' oracle); autograd gives its backward."""
-    fmaps_, scales_, shifts_ = _validate(fmaps, scales, shifts, weight, bias)
-    dtype = fmaps_[0].dtype
-    compute = torch.float64 if dtype == torch.float64 else torch.float32
-    pooled = []
-    for f, scale, shift in zip(fmaps_, scales_, shifts_):
-        z = f.to(compute) * scale.to(compute)[:, None, None] + shift.to(compute)[:, None, None]
-        pooled.append(torch.relu(z).mean(dim=(2, 3)))  # (B, C_i)
-    features = torch.cat(pooled, dim=1)  # (B, sum C_i): Eq. 2
-    b = bias.to(compute) if bias is not None else None
-    return torch.nn.functional.linear(features, weight.to(compute), b).to(dtype)  # Eq. 1
+    """The same logits from plain torch ops: the CPU path of the stack and the kernels' oracle.
+
+    Exactly the modules' own composition (BN, ReLU, mean pool, concat, linear), so on a CPU, under bf16
+    autocast too, a stack computes what its members and an ``nn.Linear`` merger compute unfused.
+    """
+    _check(fmaps, bns, weight)
+    return _reference(fmaps, bns, weight, bias)
+
+
+def _reference(fmaps: Sequence[torch.Tensor], bns: Sequence[nn.Module], weight: torch.Tensor,
+               bias: torch.Tensor | None) -> torch.Tensor:
+    pooled = [torch.relu(bn(f)).mean(dim=(2, 3)) for f, bn in zip(fmaps, bns)]  # n x (B, C_i): g_i(x)
+    return torch.nn.functional.linear(torch.cat(pooled, dim=1), weight, bias)  # (B, K): Eq. 1

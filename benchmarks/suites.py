@@ -6,7 +6,7 @@ suite          measures (baseline in brackets)
 pgd            PGD-10 images/s and achieved TFLOP/s: (a) authors'-style eager fp32 loop [itself],
                (b) our eager loop, (c) compiled + bf16 + channels_last, (d) (c) with CUDA graphs
 stack          one attack gradient (forward + input-gradient backward) of an n-member stack: members in
-               a Python loop [itself], batched as one vmapped model, one CUDA stream per member
+               a Python loop [itself], one CUDA stream per member
 pgd_step       the fused PGD step kernel's GB/s: eager torch sequence [device-to-device copy], fused
                Triton kernel [eager torch sequence]; copy bandwidth measured in the same run
 at_epoch       one PGD-10 adversarial-training epoch: authors'-style eager fp32 [itself, extrapolated from
@@ -51,9 +51,7 @@ from afs.models import SmallCNN, WideResNet
 from afs.runs import AutocastModel
 from afs.stacking import StackedModel
 from afs_kernels import (
-    BatchedMembers,
     CompiledPGD,
-    fold_bn,
     frozen_parameters,
     merger_head,
     pgd_loop,
@@ -355,7 +353,7 @@ def _pgd_batch(cfg: BenchConfig, rec: Recorder, device: torch.device, model: nn.
 
 
 # --------------------------------------------------------------------------------------------------------
-# Suite 2: an n-member stack, loop vs vmap vs streams
+# Suite 2: an n-member stack, loop vs streams
 # --------------------------------------------------------------------------------------------------------
 def suite_stack(cfg: BenchConfig, rec: Recorder) -> None:
     """One attack gradient of an n-member stacked model (Eq. 1-2), three ways of running the members."""
@@ -365,11 +363,6 @@ def suite_stack(cfg: BenchConfig, rec: Recorder) -> None:
     if on_cuda:
         members = [m.to(memory_format=torch.channels_last) for m in members]
     stack = StackedModel(members, cfg.num_classes).to(device).eval()
-    batched = BatchedMembers(stack.extractors)
-    if on_cuda:
-        # autocast does not reach inside vmap: the batched copy is cast to bf16 instead (BN included), so it
-        # runs at the precision the autocast loop and streams variants run their convolutions at.
-        batched = batched.to(torch.bfloat16)
     useful = attack_step_flops(members[0], cfg, device, weight_grads=False) * cfg.members
     streams = [torch.cuda.Stream(device) for _ in members] if on_cuda else []
 
@@ -391,7 +384,6 @@ def suite_stack(cfg: BenchConfig, rec: Recorder) -> None:
 
     variants: list[tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = [
         ("loop", loop_features),
-        ("vmap_batched", batched.features),
     ]
     if on_cuda:
         variants.append(("cuda_streams", stream_features))
@@ -589,8 +581,6 @@ def suite_merger_head(cfg: BenchConfig, rec: Recorder) -> None:
             bn.running_mean.normal_(0.0, 0.5, generator=gen)
             bn.running_var.uniform_(0.5, 2.0, generator=gen)
         bns.append(bn.to(device).eval().requires_grad_(False))
-    folded = [fold_bn(bn) for bn in bns]
-    scales, shifts = [s for s, _ in folded], [t for _, t in folded]
     weight = (0.01 * torch.randn(cfg.num_classes, cfg.members * channels, generator=gen)).to(device).requires_grad_(True)
     bias = torch.zeros(cfg.num_classes, device=device, requires_grad=True)
 
@@ -601,7 +591,7 @@ def suite_merger_head(cfg: BenchConfig, rec: Recorder) -> None:
             return F.linear(feats, weight, bias)
 
     def fused(fmaps: list[torch.Tensor]) -> torch.Tensor:
-        return merger_head(fmaps, scales, shifts, weight, bias, backend="triton")
+        return merger_head(fmaps, bns, weight, bias, backend="triton")
 
     compiled_unfused = torch.compile(unfused, backend=cfg.compile_backend, dynamic=False)
 

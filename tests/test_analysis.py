@@ -138,11 +138,11 @@ def test_model_costs_match_the_papers_table_vi():
         assert got["macs_G"] == pytest.approx(macs, rel=2e-3)
         assert got["flops_G"] == pytest.approx(2 * got["macs_G"])
     # A real (tiny) network counts the same as its meta twin.
-    from afs.models import count_flops, count_parameters
+    from afs.models import model_cost
 
     net = tiny_net(0)
     small = analysis.model_costs(10, 1)
-    assert small["params_M"] == pytest.approx(count_parameters(net) / 1e6)
-    assert small["flops_G"] == pytest.approx(count_flops(net) / 1e9)
+    assert small["params_M"] == pytest.approx(model_cost(net)["params"] / 1e6)
+    assert small["flops_G"] == pytest.approx(model_cost(net)["flops"] / 1e9)
     stack = StackedModel([tiny_net(0), tiny_net(1)], 10)
-    assert analysis.model_costs(10, 1, members=2)["flops_G"] == pytest.approx(count_flops(stack) / 1e9, rel=1e-3)
+    assert analysis.model_costs(10, 1, members=2)["flops_G"] == pytest.approx(model_cost(stack)["flops"] / 1e9, rel=1e-3)

@@ -39,7 +39,7 @@ ENV_FIELDS = {"date", "torch", "triton", "python", "device_type", "git_sha"}
 # the fused kernels run only under the Triton interpreter).
 EXPECTED = {
     "pgd": {"authors_eager_fp32", "ours_eager_fp32", "compiled_bf16_channels_last"},
-    "stack": {"loop", "vmap_batched"},
+    "stack": {"loop"},
     "pgd_step": {"copy", "eager_torch_Linf", "eager_torch_L2"}
     | ({"fused_triton_Linf", "fused_triton_L2"} if INTERPRET else set()),
     "at_epoch": {"authors_eager_fp32", "compiled_bf16_channels_last"},

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from afs_kernels import HAS_TRITON, fold_bn, merger_head, merger_head_reference
+from afs_kernels import HAS_TRITON, merger_head, merger_head_reference
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRET or not torch.cuda.is_available() else "cuda")
@@ -43,23 +43,39 @@ def _layout(t: torch.Tensor, layout: str) -> torch.Tensor:
     return t.contiguous()
 
 
+def _bn(c: int, gen: torch.Generator) -> nn.BatchNorm2d:
+    """An eval-mode BN with non-trivial statistics: mixed-sign scales and shifts, so the ReLU cuts a good
+    share of values and some channels are all-off."""
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn(c, generator=gen))
+        bn.running_var.copy_(torch.rand(c, generator=gen) * 2.5 + 0.2)
+        bn.weight.copy_(torch.randn(c, generator=gen))
+        bn.bias.copy_(0.5 * torch.randn(c, generator=gen))
+    return bn.requires_grad_(False).eval().to(DEVICE)
+
+
 def _inputs(batch, channels, sizes, layout, classes, dtype=torch.float32, seed=0, bias=True):
-    """Feature maps (leaves requiring grad), folded BN affines and merger weights on DEVICE."""
+    """Feature maps (leaves requiring grad), the members' final BNs and merger weights on DEVICE."""
     gen = torch.Generator().manual_seed(seed)
-    fmaps, scales, shifts = [], [], []
+    fmaps, bns = [], []
     for c, (h, w) in zip(channels, sizes):
         f = torch.randn(batch, c, h, w, generator=gen)
         fmaps.append(_layout(f.to(device=DEVICE, dtype=dtype), layout).requires_grad_(True))
-        # Mixed-sign scales and shifts: the ReLU cuts a good share of values, and some channels are all-off.
-        scales.append(torch.randn(c, generator=gen).to(DEVICE))
-        shifts.append((0.5 * torch.randn(c, generator=gen)).to(DEVICE))
+        bns.append(_bn(c, gen))
     weight = torch.randn(classes, sum(channels), generator=gen).to(DEVICE).requires_grad_(True)
     b = torch.randn(classes, generator=gen).to(DEVICE).requires_grad_(True) if bias else None
-    return fmaps, scales, shifts, weight, b
+    return fmaps, bns, weight, b
+
+
+def _reference(fmaps, bns, weight, bias):
+    """The oracle in fp32 (the kernels compute in fp32 whatever the maps' dtype)."""
+    return merger_head_reference([f.float() for f in fmaps], bns, weight, bias)
 
 
 def _grads(out, leaves, seed=1):
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    # Rounded to bf16 first, so a bf16 output and its fp32 oracle get the same upstream gradient.
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).bfloat16().to(out)
     return torch.autograd.grad(out, [t for t in leaves if t is not None], g)
 
 
@@ -67,74 +83,60 @@ def _grads(out, leaves, seed=1):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"B{c[0]}-{c[3]}-K{c[4]}")
 def test_forward_and_gradients_match_reference(case, dtype):
-    fmaps, scales, shifts, weight, bias = _inputs(*case, dtype=dtype)
-    out = merger_head(fmaps, scales, shifts, weight, bias, backend="triton")
-    ref = merger_head_reference(fmaps, scales, shifts, weight, bias)
+    fmaps, bns, weight, bias = _inputs(*case, dtype=dtype)
+    out = merger_head(fmaps, bns, weight, bias, backend="triton")
+    ref = _reference(fmaps, bns, weight, bias)
     atol, rtol = TOL[dtype]
     assert out.dtype == dtype and out.shape == (case[0], case[4])
-    torch.testing.assert_close(out, ref, atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.float(), ref, atol=atol, rtol=rtol)
     leaves = [*fmaps, weight, bias]
     for name, got, want in zip(["F"] * len(fmaps) + ["W", "b"], _grads(out, leaves), _grads(ref, leaves)):
-        assert got.dtype == want.dtype, name
-        torch.testing.assert_close(got, want, atol=atol, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(got.float(), want.float(), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"grad {name}: {m}")
 
 
 @needs_triton
 def test_fmap_gradient_keeps_memory_format_and_is_masked_by_relu():
-    fmaps, scales, shifts, weight, bias = _inputs(2, [4, 3], [(3, 3), (3, 3)], "channels_last", 5)
-    out = merger_head(fmaps, scales, shifts, weight, bias, backend="triton")
-    grads = _grads(out, fmaps)
-    for f, g, s, t in zip(fmaps, grads, scales, shifts):
+    fmaps, bns, weight, bias = _inputs(2, [4, 3], [(3, 3), (3, 3)], "channels_last", 5)
+    out = merger_head(fmaps, bns, weight, bias, backend="triton")
+    for f, g, bn in zip(fmaps, _grads(out, fmaps), bns):
         assert g.is_contiguous(memory_format=torch.channels_last)
-        off = (f.detach() * s[:, None, None] + t[:, None, None]) <= 0
+        off = bn(f.detach()) <= 0
         assert off.any() and (g[off] == 0).all()  # where the ReLU is off no gradient reaches the map
 
 
 @needs_triton
 def test_no_bias_and_weight_only_gradient():
-    fmaps, scales, shifts, weight, _ = _inputs(3, [2, 5], [(2, 2), (2, 2)], "contiguous", 3, bias=False)
+    fmaps, bns, weight, _ = _inputs(3, [2, 5], [(2, 2), (2, 2)], "contiguous", 3, bias=False)
     fmaps = [f.detach() for f in fmaps]  # a merger-training step: only W needs a gradient
-    out = merger_head(fmaps, scales, shifts, weight, None, backend="triton")
-    ref = merger_head_reference(fmaps, scales, shifts, weight, None)
+    out = merger_head(fmaps, bns, weight, None, backend="triton")
+    ref = merger_head_reference(fmaps, bns, weight, None)
     torch.testing.assert_close(out, ref, atol=2e-5, rtol=1e-5)
     (gw,), (rw,) = _grads(out, [weight]), _grads(ref, [weight])
     torch.testing.assert_close(gw, rw, atol=2e-5, rtol=1e-5)
 
 
+@needs_triton
+def test_train_mode_batchnorm_is_refused_by_the_kernel():
+    fmaps, bns, weight, bias = _inputs(2, [3, 2], [(2, 2), (2, 2)], "contiguous", 4)
+    bns[1].train()  # batch statistics: not the folded running ones
+    with pytest.raises(ValueError, match="eval mode"):
+        merger_head(fmaps, bns, weight, bias, backend="triton")
+
+
 def test_auto_backend_off_cuda_is_the_reference():
-    fmaps, scales, shifts, weight, bias = _inputs(2, [3, 2], [(2, 2), (2, 2)], "contiguous", 4)
+    fmaps, bns, weight, bias = _inputs(2, [3, 2], [(2, 2), (2, 2)], "contiguous", 4)
     if DEVICE.type == "cuda":
         pytest.skip("on CUDA 'auto' picks the kernel (covered above)")
-    out = merger_head(fmaps, scales, shifts, weight, bias)  # auto never picks the interpreter
-    assert torch.equal(out, merger_head_reference(fmaps, scales, shifts, weight, bias))
+    out = merger_head(fmaps, bns, weight, bias)  # auto never picks the interpreter
+    assert torch.equal(out, merger_head_reference(fmaps, bns, weight, bias))
 
 
-def test_fold_bn_equals_eval_batchnorm():
-    torch.manual_seed(0)
-    bn = nn.BatchNorm2d(6).eval()
-    with torch.no_grad():
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.2, 3.0)
-        bn.weight.normal_()
-        bn.bias.normal_()
-    x = torch.randn(2, 6, 3, 3)
-    scale, shift = fold_bn(bn)
-    assert not scale.requires_grad and scale.dtype == torch.float32
-    torch.testing.assert_close(x * scale[:, None, None] + shift[:, None, None], bn(x).detach(), atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="track_running_stats"):
-        fold_bn(nn.BatchNorm2d(3, track_running_stats=False))
-    with pytest.raises(TypeError, match="BatchNorm"):
-        fold_bn(nn.Linear(2, 2))
-
-
-@needs_triton
-def test_stacked_model_feature_maps_through_kernel_equal_the_stack():
-    """End to end: the members' pre-BN maps through the kernel give stack(x), and the same input gradient."""
+def _members(n: int = 2):
     from afs.models import WideResNet
-    from afs.stacking import StackedModel
 
     members = []
-    for seed in (0, 1):
+    for seed in range(n):
         torch.manual_seed(seed)
         m = WideResNet(depth=10, widen_factor=1, num_classes=10)
         with torch.no_grad():  # non-trivial eval-mode statistics in the final BN
@@ -143,19 +145,42 @@ def test_stacked_model_feature_maps_through_kernel_equal_the_stack():
             m.bn.weight.uniform_(0.5, 1.5)
             m.bn.bias.normal_(0.0, 0.2)
         members.append(m.to(device=DEVICE, memory_format=torch.channels_last))
-    stack = StackedModel(members, num_classes=10).to(DEVICE).eval()
-    folded = [fold_bn(m.bn) for m in stack.extractors]
-    scales, shifts = [s for s, _ in folded], [t for _, t in folded]
+    return members
 
+
+def test_stack_forward_is_the_unfused_composition_on_cpu():
+    """The stack's CPU path (the reference) is bit for bit merger(features(x)), fp32 and bf16 autocast,
+    logits and input gradients: moving the stack onto the merger head changed no CPU number."""
+    from afs.stacking import StackedModel
+
+    stack = StackedModel(_members(), num_classes=10).eval()
+    x = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(2)).requires_grad_(True)
+    for bf16 in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            fused, plain = stack(x), stack.merger(stack.features(x))
+        assert torch.equal(fused, plain)
+        (g_f,), (g_p,) = torch.autograd.grad(fused.sum(), x), torch.autograd.grad(plain.sum(), x)
+        assert torch.equal(g_f, g_p)
+
+
+@needs_triton
+def test_stack_through_the_kernel_equals_the_reference_path():
+    """End to end: the stack's members' maps through the Triton kernel give the reference logits and the
+    same input gradient (the attack's path through the fused head)."""
+    from afs.stacking import StackedModel
+
+    stack = StackedModel(_members(), num_classes=10).to(DEVICE).eval()
+    bns = [m.bn for m in stack.extractors]
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)  # maps of 2x2
     y = torch.tensor([0, 3, 7], device=DEVICE)
     # On a GPU, TF32 convolutions would round both paths' (slightly different) map gradients to 10 bits.
     with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
         x_k = x.clone().requires_grad_(True)
         fmaps = [m.feature_map(x_k) for m in stack.extractors]
-        out = merger_head(fmaps, scales, shifts, stack.merger.weight, stack.merger.bias, backend="triton")
+        out = merger_head(fmaps, bns, stack.merger.weight, stack.merger.bias, backend="triton")
         x_r = x.clone().requires_grad_(True)
-        ref = stack(x_r)
+        fmaps = [m.feature_map(x_r) for m in stack.extractors]
+        ref = merger_head(fmaps, bns, stack.merger.weight, stack.merger.bias, backend="reference")
         (g_k,) = torch.autograd.grad(nn.functional.cross_entropy(out, y), x_k)
         (g_r,) = torch.autograd.grad(nn.functional.cross_entropy(ref, y), x_r)
     torch.testing.assert_close(out, ref, atol=1e-4, rtol=1e-4)
@@ -164,22 +189,16 @@ def test_stacked_model_feature_maps_through_kernel_equal_the_stack():
 
 
 def test_bad_inputs_are_named():
-    fmaps, scales, shifts, weight, bias = _inputs(2, [3, 2], [(2, 2), (2, 2)], "contiguous", 4)
-    with pytest.raises(ValueError, match="1 scales given for 2"):
-        merger_head(fmaps, scales[:1], shifts, weight, bias)
-    with pytest.raises(ValueError, match=r"weight must have shape \(K, sum C_i\) = \(K, 5\)"):
-        merger_head(fmaps, scales, shifts, weight[:, :4], bias)
-    with pytest.raises(ValueError, match="4-D"):
-        merger_head([fmaps[0][:, :, 0], fmaps[1]], scales, shifts, weight, bias)
-    with pytest.raises(ValueError, match="shifts\\[1\\] must have shape \\(2,\\)"):
-        merger_head(fmaps, scales, [shifts[0], shifts[0]], weight, bias)
-    with pytest.raises(ValueError, match="requires grad"):
-        merger_head(fmaps, [scales[0].clone().requires_grad_(True), scales[1]], shifts, weight, bias)
-    with pytest.raises(TypeError, match="dtype mismatch"):
-        merger_head([fmaps[0], fmaps[1].double()], scales, shifts, weight, bias)
-    with pytest.raises(ValueError, match="batch mismatch"):
-        merger_head([fmaps[0], fmaps[1][:1]], scales, shifts, weight, bias)
-    with pytest.raises(TypeError, match="list of"):
-        merger_head(fmaps[0], scales, shifts, weight, bias)
+    fmaps, bns, weight, bias = _inputs(2, [3, 2], [(2, 2), (2, 2)], "contiguous", 4)
+    with pytest.raises(ValueError, match="one BatchNorm per feature map"):
+        merger_head(fmaps, bns[:1], weight, bias)
+    with pytest.raises(ValueError, match=r"weight must be \(K, sum C_i\) = \(K, 5\)"):
+        merger_head(fmaps, bns, weight[:, :4], bias)
+    with pytest.raises(ValueError, match=r"fmaps\[0\] must be \(B, 3, H, W\)"):
+        merger_head([fmaps[0][:, :, 0], fmaps[1]], bns, weight, bias)
+    with pytest.raises(ValueError, match=r"fmaps\[1\] must be \(B, 2, H, W\) with B = 2"):
+        merger_head([fmaps[0], fmaps[1][:1]], bns, weight, bias)
+    with pytest.raises(TypeError, match="BatchNorm2d"):
+        merger_head(fmaps, [bns[0], nn.Identity()], weight, bias)
     with pytest.raises(ValueError, match="unknown backend"):
-        merger_head(fmaps, scales, shifts, weight, bias, backend="cuda")
+        merger_head(fmaps, bns, weight, bias, backend="cuda")

@@ -9,8 +9,7 @@ from afs.models import (
     PreActResNet18,
     WideResNet,
     build_model,
-    count_flops,
-    count_parameters,
+    model_cost,
     load_model,
     save_checkpoint,
 )
@@ -18,17 +17,18 @@ from afs.models import (
 
 def test_wrn_28_10_matches_the_papers_size():
     m = WideResNet(28, 10, num_classes=10)
-    assert count_parameters(m) == 36_479_194  # 36.48M (Table VI prints 36.47)
+    cost = model_cost(m)
+    assert cost["params"] == 36_479_194  # 36.48M (Table VI prints 36.47)
     assert m.feature_dim == 640
     # 10.49 GFLOP counted by torch.utils.flop_counter = 5.24 G multiply-accumulates (Table VI's "5.24").
-    flops = count_flops(m)
+    flops = cost["flops"]
     assert round(flops / 1e9, 2) == 10.49
     assert round(flops / 2e9, 2) == 5.24
 
 
 def test_preact_resnet18_size():
     m = PreActResNet18(num_classes=10)
-    assert count_parameters(m) == 11_172_170 and m.feature_dim == 512
+    assert model_cost(m)["params"] == 11_172_170 and m.feature_dim == 512
 
 
 @pytest.mark.parametrize("model", [WideResNet(10, 2, 7), PreActResNet18(7)], ids=["wrn-10-2", "preact18"])
