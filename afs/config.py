@@ -190,6 +190,10 @@ class Profile:
     # cuDNN/cuBLAS deterministic algorithms (slower). Off, a CUDA run repeats its data order and attack noise
     # but not the last bits of its weight gradients; the CPU path is deterministic either way.
     deterministic: bool = False
+    # Run every PGD step torch.compile'd (Inductor; `afs.attacks.PGD(compile=True)`): the same attack within
+    # float noise, faster on a GPU after a cold compile of 40-80 s per model and batch shape. Off by default:
+    # on 2 CPU cores the compiles cost more than they save (results/bench/cpu.json, notebook 07).
+    compile_attacks: bool = False
     # The `--set section.field=value` changes this profile carries against the named one, as given; its runs
     # then live in their own folder (`afs.pipeline.run_name`), never mixed with the named profile's.
     overrides: tuple[str, ...] = ()

@@ -241,11 +241,11 @@ def measure_cpu(profile: Profile, target_s: float = 2.0) -> Throughput:
     y = torch.zeros(batch, dtype=torch.long)
     with autocast_for(device, profile.precision):
         t0 = time.perf_counter()
-        PGD(model, eps=8 / 255, alpha=2 / 255, steps=1).perturb(x, y, seed=0)  # warm-up (oneDNN primitives)
+        PGD(model, steps=1)(x, y, seed=0)  # warm-up (oneDNN primitives)
         warm = time.perf_counter() - t0
         steps = max(1, min(10, round(target_s / max(warm, 1e-3))))
         t0 = time.perf_counter()
-        PGD(model, eps=8 / 255, alpha=2 / 255, steps=steps).perturb(x, y, seed=0)
+        PGD(model, steps=steps)(x, y, seed=0)
         took = time.perf_counter() - t0
     rate = batch * steps * FWD_BWD * f / took
     m = profile.model

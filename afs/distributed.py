@@ -8,7 +8,7 @@ environment it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/`
   `broadcast_object`, `same_on_all_ranks`): a group with a finite timeout, so a rank that dies or hangs
   makes the others fail loudly instead of waiting forever. Without torchrun every helper is the trivial
   single-process answer, so library code calls them unconditionally.
-* **Exact data parallelism** (`CrossRankBatchNorm2d`, `convert_sync_batchnorm`, `GlobalBatchPGD`,
+* **Exact data parallelism** (`CrossRankBatchNorm2d`, `convert_sync_batchnorm`, `global_batch_start`,
   `scale_profile`): a DDP run of one extractor computes what a single process computes with the same
   global batch, up to floating-point summation order. Three things make it so: the loader gives rank r
   the rows ``r::w`` of every global batch (`afs.data.DeviceLoader`), batch norm uses the statistics of
@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from afs.attacks import PGD
+import afs_kernels
 
 __all__ = [
     "Backend",
@@ -62,7 +62,7 @@ __all__ = [
     "same_on_all_ranks",
     "CrossRankBatchNorm2d",
     "convert_sync_batchnorm",
-    "GlobalBatchPGD",
+    "global_batch_start",
     "scale_profile",
     "sharded_evaluate",
 ]
@@ -335,37 +335,21 @@ def convert_sync_batchnorm(module: nn.Module, device: torch.device | str) -> nn.
     return module
 
 
-class GlobalBatchPGD(PGD):
-    """PGD run by one rank on its rows of a global batch, with the random start a single process would
-    draw for those rows.
+def global_batch_start(x: Tensor, eps: float, seed: int, rank: int, world_size: int) -> Tensor:
+    """PGD's uniform start for this rank's rows of a global batch: the rows a single process would draw.
 
     Rank ``r`` of ``w`` holds rows ``r::w`` of each global batch (`afs.data.DeviceLoader` sharding). The
-    start is drawn, from the batch's shared seed, for a batch of the global size in which this rank's
-    rows hold its images (the other rows hold placeholders: the noise stream depends on positions, not on
-    pixel values), and this rank's rows are kept. The gradient steps then run on the local rows only, so
-    the attack's cost is per rank; only the start's random numbers are drawn ``w`` times. With this, a
-    w-rank run of an extractor equals the one-process run up to floating-point summation order.
+    start is drawn, from the batch's shared seed, for a batch of the global size in which this rank's rows
+    hold its images (the others hold placeholders: the noise stream depends on positions, not on pixel
+    values), and this rank's rows are kept; the caller passes them as ``PGD(...)(x, y, start_from=...)``.
+    The gradient steps then run on the local rows only, so only the start's random numbers are drawn ``w``
+    times, and a w-rank run of an extractor equals the one-process run up to summation order.
     """
-
-    def __init__(self, model: nn.Module, *, rank: int, world_size: int, **kwargs: Any) -> None:
-        super().__init__(model, **kwargs)
-        if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be an int >= 1, got {world_size!r}")
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, {world_size - 1}], got {rank!r}")
-        self.rank, self.world_size = rank, world_size
-
-    def _start(self, x: Tensor, eps: Any, gen: torch.Generator | None) -> Tensor:
-        if not self.random_start or self.world_size == 1:
-            return super()._start(x, eps, gen)
-        rows = slice(self.rank, None, self.world_size)
-        full = x.new_full((x.shape[0] * self.world_size, *x.shape[1:]), 0.5)  # (w*b, C, H, W) placeholders
-        full[rows] = x
-        if isinstance(eps, Tensor) and eps.dim() == 1:  # per-sample budgets: place ours, zeros elsewhere
-            e = eps.new_zeros(full.shape[0])
-            e[rows] = eps
-            eps = e
-        return super()._start(full, eps, gen)[rows]
+    rows = slice(rank, None, world_size)
+    full = x.new_full((x.shape[0] * world_size, *x.shape[1:]), 0.5)  # (w*b, C, H, W) placeholders
+    full[rows] = x.detach()
+    gen = torch.Generator(device=x.device).manual_seed(seed)  # as PGD seeds its own generator per call
+    return afs_kernels.random_start(full, eps, "Linf", generator=gen)[rows]
 
 
 def scale_profile(profile: Any, ranks: int) -> Any:

@@ -21,7 +21,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from afs.attacks import FGSM, PGD, autoattack, check_images, check_labels, eval_mode, model_device
+from afs.attacks import PGD, fgsm, check_images, check_labels, eval_mode, model_device
+from afs.autoattack import autoattack
 
 __all__ = ["EvalResult", "evaluate", "robustness_curve", "trade_off", "parse_attack", "attack_key", "PROTOCOL"]
 
@@ -113,7 +114,7 @@ def evaluate(
         x: (N, C, H, W) uint8 (divided by 255 here) or float in [0, 1]; any device (moved per batch).
         y: integer labels [N].
         attacks: ``"clean"``, ``"pgdK"`` (K-step PGD from a uniform random start, eps/step_size below),
-            ``"fgsm"`` (one step of size eps) and ``"aa"`` (:func:`afs.attacks.autoattack` on all of x).
+            ``"fgsm"`` (one step of size eps) and ``"aa"`` (:func:`afs.autoattack.autoattack` on all of x).
         eps, step_size: the threat model (paper: 8/255 and 2/255).
         batch_size: samples per batch for clean/PGD/FGSM (and AutoAttack's, unless ``aa_kwargs`` sets it).
         seed: fixes every random start. Batch b's PGD starts use a seed derived from (seed, b), shared by
@@ -122,7 +123,7 @@ def evaluate(
             AutoAttack gets ``seed`` itself.
         device: where the model runs; default its parameters' device.
         progress: show a tqdm bar over batches.
-        aa_kwargs: extra keywords for :func:`afs.attacks.autoattack` (``version``, ``state_path``, ...).
+        aa_kwargs: extra keywords for :func:`afs.autoattack.autoattack` (``version``, ``state_path``, ...).
         compile: run PGD through the compiled attack loop (GPU speed; same results within float noise).
         craft_on: a transfer attack: PGD/FGSM examples are crafted on this model (same seeds) and scored on
             ``model`` (the audit's "transfer from a member onto the stack"). ``None``: white-box.
@@ -185,20 +186,20 @@ def evaluate(
         source, aa_model = AutocastModel(source, dev.type), AutocastModel(model, dev.type)
     # Single-restart CE PGDs share a batch's random start, so they form one chain: the shortest runs from
     # the start, each longer one continues from the previous one's output for the remaining steps (PGD-10
-    # then 10 more steps = PGD-20, bit for bit; `PGD.perturb(start=)`), and PGD-10 + PGD-20 cost 20 steps.
+    # then 10 more steps = PGD-20, bit for bit; `PGD(start_from=)`), and PGD-10 + PGD-20 cost 20 steps.
     chain = sorted((k for k in kinds if kinds[k][0] == "pgd" and kinds[k][2] == 1), key=lambda k: kinds[k][1])
     objs: dict[str, PGD] = {}
     done_steps = 0
     for key in chain:
         steps = kinds[key][1]
-        objs[key] = PGD(source, eps=eps, alpha=step_size, steps=steps - done_steps, compile=compile)
+        objs[key] = PGD(source, eps=eps, step_size=step_size, steps=steps - done_steps, compile=compile)
         done_steps = steps
     for key, (kind, steps, restarts) in kinds.items():
         if kind in ("pgd", "cw") and key not in objs:
-            objs[key] = PGD(source, eps=eps, alpha=step_size, steps=steps, random_start=True, restarts=restarts,
+            objs[key] = PGD(source, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
                             compile=compile and kind == "pgd", loss="ce" if kind == "pgd" else "margin")
         elif kind == "fgsm":
-            objs[key] = FGSM(source, eps=eps, compile=compile)
+            objs[key] = fgsm(source, eps=eps, compile=compile)
     batched = [k for k in names if kinds[k][0] != "aa"]
     attacked = chain + [k for k in batched if k not in chain and k != "clean"]
     correct = {k: torch.zeros(n, dtype=torch.bool) for k in names}
@@ -231,9 +232,9 @@ def evaluate(
                         x_prev = None
                         for key in attacked:
                             if key in chain:
-                                x_eval = x_prev = objs[key].perturb(xs, ys, seed=bseed, start=x_prev)
+                                x_eval = x_prev = objs[key](xs, ys, seed=bseed, start_from=x_prev)
                             else:
-                                x_eval = objs[key].perturb(xs, ys, seed=bseed)
+                                x_eval = objs[key](xs, ys, seed=bseed)
                             with torch.no_grad():
                                 correct[key][rows] = (model(x_eval).argmax(1) == ys).cpu()
                     bar.update(1)

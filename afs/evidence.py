@@ -296,7 +296,7 @@ class PaperRows:
     """The same roles on the paper's own tables (``afs/paper_tables.json``): point values, no bootstrap."""
 
     def __init__(self) -> None:
-        from afs.report import paper_table
+        from afs.tables import paper_table
 
         self.t1 = {r["budget_255"]: r for r in paper_table("table_I_extractors")}
         self.t2 = sorted(paper_table("table_II_alpha"), key=lambda r: r["alpha"])
@@ -348,7 +348,7 @@ class PaperRows:
 
 
 def paper_tables_masks() -> list[str]:
-    from afs.report import paper_tables
+    from afs.tables import paper_tables
 
     return list(paper_tables()["table_III_stacks"]["masks_9digit"])
 

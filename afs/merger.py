@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from afs_kernels._common import LenientStrEnum
+from afs_kernels import Choice
 
 from afs.attacks import PGD
 from afs.config import Profile
@@ -36,7 +36,7 @@ from afs.training import TrainData, stage_data
 __all__ = ["MergerMode", "train_merger", "split_count", "save_merger", "load_merger"]
 
 
-class MergerMode(LenientStrEnum):
+class MergerMode(Choice):
     PAIRED = "paired"  # Eq. 5 on the same samples
     SPLIT = "split"  # the authors' code: floor(alpha*B) clean samples, the rest adversarial
 
@@ -75,7 +75,7 @@ def merger_identity(config: Profile, data: TrainData, stack: StackedModel, alpha
     return {"stage": "merger", "alpha": alpha, "mode": mode, "budgets": list(stack.budgets or ()),
             "feature_dims": list(stack.feature_dims), "members": [state_hash(m) for m in stack.extractors],
             "merger": mc, "data": stage_data(config, data), "seed": config.seed, "precision": config.precision,
-            "deterministic": config.deterministic}
+            "deterministic": config.deterministic, "compile_attacks": config.compile_attacks}
 
 
 def train_merger(
@@ -130,7 +130,8 @@ def train_merger(
                           augment=config.data.augment, drop_last=True, seed=seed, device=device)
     scheduler, per_batch = lr_schedule(optimizer, mc.lr_schedule, epochs=mc.epochs, batches_per_epoch=len(loader),
                                        milestones=mc.lr_milestones, gamma=mc.lr_gamma)
-    attack = PGD(stack, eps=mc.eps, alpha=mc.attack_step_size, steps=mc.attack_steps)
+    attack = PGD(stack, eps=mc.eps, step_size=mc.attack_step_size, steps=mc.attack_steps,
+                 compile=config.compile_attacks)
 
     def logits_of(x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():  # frozen extractors: no graph through them
@@ -146,20 +147,20 @@ def train_merger(
         trace, chunk, chunk_n = [], 0.0, 0
         every = max(1, len(loader) // 10)
         for i, (x, y) in enumerate(iterate(loader, f"merger a={alpha} {mode.value} epoch {epoch + 1}", progress)):
-            attack.seed = batch_seed(seed, epoch, i)
+            s = batch_seed(seed, epoch, i)
             with autocast_for(device, config.precision):
                 if mode is MergerMode.PAIRED:
                     loss = 0.0
                     if alpha > 0:
                         loss = alpha * F.cross_entropy(logits_of(x), y)
                     if alpha < 1:
-                        x_adv = attack(x, y)  # against the whole stack, with the current merger
+                        x_adv = attack(x, y, seed=s)  # against the whole stack, with the current merger
                         loss = loss + (1 - alpha) * F.cross_entropy(logits_of(x_adv), y)
                 else:
                     k = split_count(alpha, len(y))
                     x_mix = x.clone()
                     if k < len(y):
-                        x_mix[k:] = attack(x[k:], y[k:])
+                        x_mix[k:] = attack(x[k:], y[k:], seed=s)
                     loss = F.cross_entropy(logits_of(x_mix), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -177,16 +178,16 @@ def train_merger(
     def validate(epoch: int) -> dict[str, float]:
         stack.eval()
         vl = DeviceLoader(data.val.images, data.val.labels, 256, shuffle=False, device=device)
-        val_attack = PGD(stack, eps=mc.eps, alpha=mc.attack_step_size, steps=mc.attack_steps)
+        val_attack = PGD(stack, eps=mc.eps, step_size=mc.attack_step_size, steps=mc.attack_steps,
+                         compile=config.compile_attacks)
         clean = robust = 0
         for i, (x, y) in enumerate(vl):
-            val_attack.seed = batch_seed(seed, -1, i)
             with autocast_for(device, config.precision):
                 with torch.no_grad():
                     clean += (stack(x).argmax(1) == y).sum().item()
                 if alpha == 1:  # Eq. 5 at alpha = 1 has no robust term: nothing to select on
                     continue
-                x_adv = val_attack(x, y)
+                x_adv = val_attack(x, y, seed=batch_seed(seed, -1, i))
                 with torch.no_grad():
                     robust += (stack(x_adv).argmax(1) == y).sum().item()
         out = {"clean": 100 * clean / len(data.val)}

@@ -1,12 +1,8 @@
-"""Feature extractors: WideResNet (the paper's WRN-28-10), PreActResNet-18, and a small VGG-style CNN that the
-``cpu`` profile trains on 2 CPU cores.
+"""Feature extractors: WideResNet (the paper's WRN-28-10), PreActResNet-18, and a small CNN (the cpu profile's).
 
-Every model takes images in [0, 1] (per-channel normalisation is a fixed buffer inside the model, so eps 8/255
-is 8/255 in pixels) and ends the same way, which is what lets `afs.stacking.StackedModel` fuse the end::
-
-    feature_map(x) (B, C, h, w) -> final_bn -> ReLU -> mean over (h, w) = features(x) (B, C) -> head -> logits
-
-It records its constructor arguments (``spec()``) so a checkpoint can rebuild it and refuse the wrong network.
+Each takes images in [0, 1] (normalisation is a fixed buffer inside, so eps 8/255 is 8/255 in pixels), ends
+``feature_map(x) (B, C, h, w) -> final_bn -> ReLU -> mean over (h, w) = features(x) (B, C) -> head`` (what
+`afs.stacking.StackedModel` fuses), and records its arguments (``spec()``) so a checkpoint can rebuild it.
 """
 
 from __future__ import annotations
@@ -22,7 +18,7 @@ from torch import Tensor, nn
 from afs.io import atomic_torch_save, load_torch
 
 __all__ = ["WideResNet", "PreActResNet18", "SmallCNN", "build_model", "model_from_spec", "model_cost",
-           "save_checkpoint", "load_checkpoint", "load_model", "CheckpointMismatchError"]
+           "save_checkpoint", "load_model", "CheckpointMismatchError"]
 
 # CIFAR-10 training-set statistics, used only as a fixed input normalisation inside the model.
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
@@ -45,10 +41,7 @@ class _ExtractorBase(nn.Module):
     """The shared interface: ``feature_map`` -> ``final_bn`` + ReLU + pool = ``features`` -> ``head``."""
 
     arch: str
-    feature_dim: int
-    num_classes: int
     bn: nn.BatchNorm2d  # the final BN; named "bn" because every checkpoint's state dict says "bn.*"
-    head: nn.Linear
 
     def __init__(self, mean: Any, std: Any, **kwargs: Any) -> None:
         super().__init__()
@@ -92,8 +85,7 @@ class _ExtractorBase(nn.Module):
         return {"arch": self.arch, "kwargs": dict(self.kwargs)}
 
     def extra_repr(self) -> str:
-        args = ", ".join(f"{k}={v}" for k, v in self.kwargs.items() if k not in ("mean", "std"))
-        return f"{args}, feature_dim={self.feature_dim}"
+        return f"{_args(self.kwargs)}, feature_dim={self.feature_dim}"
 
 
 class _PreActBlock(nn.Module):
@@ -105,18 +97,14 @@ class _PreActBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
-        self.shortcut = None
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False)
+        self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, 0, bias=False) if stride != 1 or c_in != c_out else None
 
     def forward(self, x: Tensor) -> Tensor:
         o = F.relu(self.bn1(x))
         # A projection shortcut sees the pre-activated input (as in the reference WRN and PreAct code);
         # an identity shortcut carries the raw input.
         skip = self.shortcut(o) if self.shortcut is not None else x
-        o = self.conv1(o)
-        o = self.conv2(F.relu(self.bn2(o)))
-        return o + skip
+        return self.conv2(F.relu(self.bn2(self.conv1(o)))) + skip
 
 
 class WideResNet(_ExtractorBase):
@@ -135,12 +123,10 @@ class WideResNet(_ExtractorBase):
         n = (depth - 4) // 6  # blocks per group
         widths = [16, 16 * widen_factor, 32 * widen_factor, 64 * widen_factor]
         self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
-        groups = []
-        for g, stride in enumerate((1, 2, 2)):
-            blocks = [_PreActBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1)
-                      for i in range(n)]
-            groups.append(nn.Sequential(*blocks))
-        self.block1, self.block2, self.block3 = groups
+        # Three groups of n blocks; the first block of a group changes the width and (groups 2, 3) halves h, w.
+        self.block1, self.block2, self.block3 = [
+            nn.Sequential(*[_PreActBlock(widths[g] if i == 0 else widths[g + 1], widths[g + 1], stride if i == 0 else 1)
+                            for i in range(n)]) for g, stride in enumerate((1, 2, 2))]
         self._finish(widths[3])
 
     def feature_map(self, x: Tensor) -> Tensor:
@@ -157,11 +143,9 @@ class PreActResNet18(_ExtractorBase):
                  std: tuple[float, ...] | None = CIFAR_STD) -> None:
         super().__init__(mean, std, num_classes=num_classes)
         self.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
-        layers, c_in = [], 64
-        for c_out, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            layers.append(nn.Sequential(_PreActBlock(c_in, c_out, stride), _PreActBlock(c_out, c_out, 1)))
-            c_in = c_out
-        self.layers = nn.Sequential(*layers)
+        stages = ((64, 64, 1), (64, 128, 2), (128, 256, 2), (256, 512, 2))  # (c_in, c_out, stride), 2 blocks each
+        self.layers = nn.Sequential(*[nn.Sequential(_PreActBlock(a, b, s), _PreActBlock(b, b, 1))
+                                      for a, b, s in stages])
         self._finish(512)
 
     def feature_map(self, x: Tensor) -> Tensor:
@@ -171,10 +155,9 @@ class PreActResNet18(_ExtractorBase):
 class SmallCNN(_ExtractorBase):
     """Five 3x3 convs of widths (w, w, 2w, 2w, 4w), w = 16 * widen_factor, each but the last followed by
     BN-ReLU, max-pooled after the 2nd and 4th; the last conv's map goes through the final BN like the WRN's.
-    widen_factor 2: 32-32-64-64-128, 0.29M parameters, 128-d features, 0.058 GFLOP.
+    widen_factor 2: 32-32-64-64-128, 0.14M parameters, 128-d features, 0.058 GFLOP.
 
-    Why: on 2 CPU cores a bf16 PGD-AT epoch of it costs about a WRN-10-1 epoch, and at 10,000 images and a
-    few epochs it learns much more. The ``paper`` and ``quick`` profiles keep the paper's WideResNet.
+    Why: on 2 CPU cores a bf16 PGD-AT epoch costs about a WRN-10-1's, and at 10,000 images it learns much more.
     """
 
     arch = "cnn"
@@ -190,8 +173,7 @@ class SmallCNN(_ExtractorBase):
         c_in = 3
         for i, c_out in enumerate(widths[:-1]):
             layers += [nn.Conv2d(c_in, c_out, 3, 1, 1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True)]
-            if i in (1, 3):
-                layers.append(nn.MaxPool2d(2))  # 32x32 -> 16x16 -> 8x8
+            layers += [nn.MaxPool2d(2)] if i in (1, 3) else []  # 32x32 -> 16x16 -> 8x8
             c_in = c_out
         self.body = nn.Sequential(*layers)
         self.conv = nn.Conv2d(c_in, widths[-1], 3, 1, 1, bias=False)
@@ -206,27 +188,21 @@ _ARCHS: dict[str, type[_ExtractorBase]] = {"wrn": WideResNet, "preact_resnet18":
 
 def model_from_spec(spec: dict[str, Any]) -> _ExtractorBase:
     """Rebuild a model from ``model.spec()`` (architecture name + constructor arguments)."""
-    arch = spec.get("arch")
-    if arch not in _ARCHS:
-        raise ValueError(f"unknown architecture {arch!r}; valid: {list(_ARCHS)}")
-    return _ARCHS[arch](**spec.get("kwargs", {}))
+    if spec.get("arch") not in _ARCHS:
+        raise ValueError(f"unknown architecture {spec.get('arch')!r}; valid: {list(_ARCHS)}")
+    return _ARCHS[spec["arch"]](**spec.get("kwargs", {}))
 
 
 def build_model(config: Any, num_classes: int) -> _ExtractorBase:
     """A model from an `afs.config.ModelConfig` (``arch``, ``depth``, ``widen_factor``)."""
-    if config.arch == "wrn":
-        return WideResNet(config.depth, config.widen_factor, num_classes)
-    if config.arch == "cnn":
-        return SmallCNN(config.widen_factor, num_classes)
-    return model_from_spec({"arch": config.arch, "kwargs": {"num_classes": num_classes}})
+    size = {"wrn": {"depth": config.depth, "widen_factor": config.widen_factor},
+            "cnn": {"widen_factor": config.widen_factor}}.get(config.arch, {})  # PreActResNet18 has one size
+    return model_from_spec({"arch": config.arch, "kwargs": {**size, "num_classes": num_classes}})
 
 
 def model_cost(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) -> dict[str, int]:
-    """``{"params": parameter count, "flops": forward FLOPs of one input_shape batch}``.
-
-    FLOPs by ``torch.utils.flop_counter`` (one multiply-accumulate = 2 FLOPs); the paper's Table VI "Flops (G)"
-    counts multiply-accumulates, half of this (WRN-28-10: 10.49 GFLOP here, 5.24 G there).
-    """
+    """``{"params": parameter count, "flops": forward FLOPs of one input_shape batch}`` (torch.utils.flop_counter:
+    a multiply-accumulate is 2 FLOPs; Table VI's "Flops (G)" counts MACs, half: WRN-28-10 10.49 G here, 5.24 there)."""
     from torch.utils.flop_counter import FlopCounterMode
 
     flags = [(m, m.training) for m in model.modules()]  # restored per module (a stack's members stay eval)
@@ -250,29 +226,23 @@ def save_checkpoint(model: _ExtractorBase, path: str | os.PathLike, **extra: Any
                       Path(path))
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint` with ``weights_only=True`` (no pickle code runs)."""
+def load_model(path: str | os.PathLike, model: _ExtractorBase | None = None,
+               map_location: Any = "cpu") -> _ExtractorBase:
+    """Load a `save_checkpoint` file (``weights_only``: no pickle code runs) into a network rebuilt from its
+    spec (``model=None``) or into ``model``, which must have exactly the saved architecture and arguments."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
     payload = load_torch(path, map_location=map_location)  # a truncated file: an error naming it and the remedy
     if not isinstance(payload, dict) or payload.get("format") != "afs-model/1":
         raise ValueError(f"{path} is not an afs model checkpoint (missing format tag 'afs-model/1')")
-    return payload
-
-
-def load_model(path: str | os.PathLike, model: _ExtractorBase | None = None,
-               map_location: Any = "cpu") -> _ExtractorBase:
-    """Load a checkpoint, into a network rebuilt from its spec (``model=None``) or into ``model``, which must
-    have exactly the saved architecture and arguments (else `CheckpointMismatchError`)."""
-    payload = load_checkpoint(path, map_location)
     saved = {"arch": payload["arch"], "kwargs": _normalise_kwargs(payload["kwargs"])}
     if model is None:
         model = model_from_spec(saved)
     else:
         want = {"arch": model.arch, "kwargs": _normalise_kwargs(model.kwargs)}
         if saved != want:
-            raise CheckpointMismatchError(f"checkpoint {path} holds {_describe(saved)} but the model is {_describe(want)}")
+            raise CheckpointMismatchError(f"checkpoint {path} holds {_describe(saved)}, the model is {_describe(want)}")
     model.load_state_dict(payload["state_dict"])
     return model
 
@@ -283,6 +253,8 @@ def _normalise_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _describe(spec: dict[str, Any]) -> str:
-    args = ", ".join(f"{k}={v}" for k, v in spec["kwargs"].items() if k not in ("mean", "std"))
-    name = _ARCHS[spec["arch"]].__name__ if spec["arch"] in _ARCHS else spec["arch"]
-    return f"{name}({args})"
+    return f"{_ARCHS[spec['arch']].__name__ if spec['arch'] in _ARCHS else spec['arch']}({_args(spec['kwargs'])})"
+
+
+def _args(kwargs: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in kwargs.items() if k not in ("mean", "std"))

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from afs import progress
-from afs.attacks import AutoAttackWarning
+from afs.autoattack import AutoAttackWarning
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
 from afs.distributed import barrier, is_distributed, is_main, sharded_evaluate
@@ -214,6 +214,7 @@ class Pipeline:
                 res = run_eval(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
                                batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
                                progress=self.progress, craft_precision=self.craft_precision,
+                               compile=self.profile.compile_attacks,
                                aa_kwargs={"version": ev.aa_version, "attacks": list(ev.aa_attacks) or None,
                                           "state_path": where / f"aa_state_{subset}.json"})
             for w in caught:  # AutoAttack's own checks (checks.py): kept for the audit, and shown as usual
@@ -240,7 +241,7 @@ class Pipeline:
             h = self._hashes[model] = state_hash(model)
         return {"model": h, "images": _index_hash(self.data.subsets()[subset]), "protocol": EVAL_PROTOCOL,
                 "seed": self.profile.seed, "batch_size": self.profile.evaluation.batch_size,
-                "precision": self.numerics["precision"], **extra}
+                "precision": self.numerics["precision"], "compile_attacks": self.profile.compile_attacks, **extra}
 
     @property
     def craft_precision(self) -> str:
@@ -282,7 +283,7 @@ class Pipeline:
             name = "clean" if b == 0 else "pgd10"
             res = evaluate(model, x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
                            batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False,
-                           craft_precision=self.craft_precision)
+                           craft_precision=self.craft_precision, compile=self.profile.compile_attacks)
             acc.append(res.accuracy[name])
             flags[f"eps{b}"] = res.correct[name]
         self._time(f"curve {where.name}", t0)

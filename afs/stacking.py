@@ -1,9 +1,12 @@
-"""The stacked model of Eq. 1-2 and the paper's "naive approach" baseline.
+"""The stacked model of Eq. 1-2 (``StackedModel``) and the paper's "naive approach" (``LogitEnsemble``)."""
 
-``StackedModel``: n frozen extractors g_i, their features concatenated, one linear merger on top. An attack on
-it is an adaptive white-box attack on the whole model: input gradients flow through every member.
-``LogitEnsemble``: the mean of the members' own classifier logits (Section II-C's "naive approach").
-"""
+# Eq. 1-2, for B images, n members, member i's last feature map F_i(x) of shape (B, C_i, H_i, W_i):
+#   g_i(x) = mean_{h,w} relu(BN_i(F_i(x)))        (B, d_i), d_i = C_i (640 for a WRN-28-10)
+#   G(x)   = concat(g_1(x), ..., g_n(x))          (B, sum d_i)                 Eq. 2
+#   z      = W · G(x) + b                         (B, K), W: (K, sum d_i)      Eq. 1
+# The members are frozen once trained (eval mode, no parameter gradients): only W and b learn (Eq. 5, in
+# afs.merger). Gradients w.r.t. the input still flow through every member, so a PGD on the stack is an
+# adaptive white-box attack on the whole model, as in the paper's evaluation.
 
 from __future__ import annotations
 
@@ -14,10 +17,11 @@ from torch import Tensor, nn
 
 from afs_kernels import merger_head
 
-__all__ = ["StackedModel", "LogitEnsemble", "importance_ratio"]
+__all__ = ["StackedModel", "LogitEnsemble"]
 
 
-def _check_members(extractors: Sequence[nn.Module], kind: str) -> list[nn.Module]:
+def _check_members(extractors: Sequence[nn.Module], kind: str, budgets: Sequence[float] | None,
+                   num_classes: int | None = None) -> list[nn.Module]:
     members = list(extractors)
     if not members:
         raise ValueError(f"a {kind} needs at least one extractor, got an empty list")
@@ -26,6 +30,7 @@ def _check_members(extractors: Sequence[nn.Module], kind: str) -> list[nn.Module
         if not all(hasattr(m, a) for a in ("feature_map", "final_bn", "features", "feature_dim")):
             raise TypeError(f"member {i} ({type(m).__name__}) has no feature_map()/final_bn/features()/"
                             "feature_dim: not an afs extractor")
+    # One K-class merger over all members: they must have been trained on the same K classes.
     classes = {getattr(m, "num_classes", None) for m in members}
     if len(classes) > 1:
         raise ValueError(f"extractors were trained for different numbers of classes: {sorted(map(str, classes))}")
@@ -33,6 +38,11 @@ def _check_members(extractors: Sequence[nn.Module], kind: str) -> list[nn.Module
     channels = {next((s.in_channels for s in m.modules() if isinstance(s, nn.Conv2d)), -1) for m in members}
     if len(channels) > 1:
         raise ValueError(f"extractors take inputs with different channel counts: {sorted(channels)}")
+    member_classes = getattr(members[0], "num_classes", num_classes)
+    if num_classes is not None and member_classes != num_classes:
+        raise ValueError(f"the merger predicts {num_classes} classes but the extractors {member_classes}")
+    if budgets is not None and len(budgets) != len(members):
+        raise ValueError(f"{len(budgets)} budgets given for {len(members)} extractors")
     for m in members:
         # Frozen (Section II-B): eval mode, so BN applies its running statistics; no parameter gradients.
         m.eval()
@@ -49,12 +59,7 @@ class StackedModel(nn.Module):
 
     def __init__(self, extractors: Sequence[nn.Module], num_classes: int, budgets: Sequence[float] | None = None):
         super().__init__()
-        members = _check_members(extractors, "stack")
-        member_classes = getattr(members[0], "num_classes", num_classes)
-        if member_classes != num_classes:
-            raise ValueError(f"the merger predicts {num_classes} classes but the extractors {member_classes}")
-        if budgets is not None and len(budgets) != len(members):
-            raise ValueError(f"{len(budgets)} budgets given for {len(members)} extractors")
+        members = _check_members(extractors, "stack", budgets, num_classes)
         self.extractors = nn.ModuleList(members)
         self.budgets = tuple(budgets) if budgets is not None else None
         self.feature_dims = tuple(int(m.feature_dim) for m in members)  # d_i: 640 per WRN-28-10
@@ -86,28 +91,24 @@ class StackedModel(nn.Module):
         return merger_head(fmaps, bns, self.merger.weight, self.merger.bias)  # (B, K)
 
     def importance_ratio(self) -> Tensor:
-        """Fig. 4b: for each member i, sum|W_i| / sum|W| over its block of merger columns; sums to 1."""
-        return importance_ratio(self.merger.weight, self.feature_dims)
+        """Fig. 4b: for each member i, sum|W_i| / sum|W| over its block W_i of merger columns; sums to 1."""
+        # W (K, sum d_i) -> n blocks W_i (K, d_i) -> n absolute masses (n,) -> shares.
+        blocks = self.merger.weight.detach().split(list(self.feature_dims), dim=1)
+        mass = torch.stack([blk.abs().sum() for blk in blocks])
+        return mass / mass.sum()
 
     def extra_repr(self) -> str:
         return f"members={len(self.extractors)}, budgets={self.budgets}, feature_dim={self.feature_dim}"
 
 
-def importance_ratio(weight: Tensor, feature_dims: Sequence[int]) -> Tensor:
-    """Per-block share of the merger's absolute weight mass: ``sum|W_i| / sum|W|`` (Fig. 4b)."""
-    if weight.shape[1] != sum(feature_dims):
-        raise ValueError(f"weight has {weight.shape[1]} columns, feature blocks sum to {sum(feature_dims)}")
-    # weight (K, sum d_i) -> n blocks (K, d_i) -> n masses -> shares.
-    mass = torch.stack([blk.abs().sum() for blk in weight.detach().split(list(feature_dims), dim=1)])
-    return mass / mass.sum()
-
-
+# Section II-C's "naive approach": average the members' own classifiers, z = (1/n) sum_i head_i(g_i(x)).
+# No learnable weights, so it shows what the learnt merger W adds over plain ensembling.
 class LogitEnsemble(nn.Module):
     """The mean of the members' own logits: the "naive approach" the paper's learnable merger replaces."""
 
     def __init__(self, models: Sequence[nn.Module], budgets: Sequence[float] | None = None):
         super().__init__()
-        self.members = nn.ModuleList(_check_members(models, "logit ensemble"))
+        self.members = nn.ModuleList(_check_members(models, "logit ensemble", budgets))
         self.budgets = tuple(budgets) if budgets is not None else None
         self.num_classes = getattr(self.members[0], "num_classes", None)
 

@@ -78,7 +78,7 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
 
 
 def _validate(model: nn.Module, val: ImageData, eps: float, steps: int, step_size: float, device: torch.device,
-              precision: str, seed: int, batch_size: int) -> dict[str, float]:
+              precision: str, seed: int, batch_size: int, compile: bool = False) -> dict[str, float]:
     """Clean and PGD accuracy (percent) on the validation split, in eval mode, deterministic.
 
     Under a process group rank r validates batches r, r + w, ... (each with the seed of its index, so the
@@ -89,7 +89,7 @@ def _validate(model: nn.Module, val: ImageData, eps: float, steps: int, step_siz
     was = model.training
     model.eval()
     clean = robust = 0.0
-    attack = PGD(model, eps=eps, alpha=step_size, steps=steps)
+    attack = PGD(model, eps=eps, step_size=step_size, steps=steps, compile=compile)
     for i, (x, y) in enumerate(loader):
         if i % world != rank:
             continue
@@ -97,8 +97,7 @@ def _validate(model: nn.Module, val: ImageData, eps: float, steps: int, step_siz
             with torch.no_grad():
                 clean += (model(x).argmax(1) == y).sum().item()
             if eps > 0:
-                attack.seed = batch_seed(seed, -1, i)
-                x_adv = attack(x, y)
+                x_adv = attack(x, y, seed=batch_seed(seed, -1, i))
                 with torch.no_grad():
                     robust += (model(x_adv).argmax(1) == y).sum().item()
     model.train(was)
@@ -179,9 +178,7 @@ def train_extractor(
     eps_max = eps[1] if isinstance(eps, tuple) else eps
     step_size = attack_step(ec, eps_max)
     # The attack runs per rank on the unwrapped network (no DDP hooks, no gradient sync during PGD).
-    attack = (distributed.GlobalBatchPGD(model, eps=eps_max, alpha=step_size, steps=ec.attack_steps,
-                                         rank=rank, world_size=world)
-              if ddp else PGD(model, eps=eps_max, alpha=step_size, steps=ec.attack_steps))
+    attack = PGD(model, eps=eps_max, step_size=step_size, steps=ec.attack_steps, compile=config.compile_attacks)
 
     def train_epoch(epoch: int) -> dict[str, float]:
         net.train()
@@ -192,12 +189,15 @@ def train_extractor(
             s = batch_seed(seed, epoch, i)
             with autocast_for(device, config.precision):
                 if eps_max > 0:
+                    atk = attack
                     if isinstance(eps, tuple):  # one budget per batch, drawn reproducibly
                         g = torch.Generator().manual_seed(s)
-                        attack.eps = eps[0] + (eps[1] - eps[0]) * torch.rand((), generator=g).item()
-                        attack.alpha = attack_step(ec, attack.eps)
-                    attack.seed = s
-                    x = attack(x, y)  # Eq. 4: PGD in eval mode; back in train mode afterwards
+                        e = eps[0] + (eps[1] - eps[0]) * torch.rand((), generator=g).item()
+                        atk = PGD(model, eps=e, step_size=attack_step(ec, e), steps=ec.attack_steps,
+                                  compile=config.compile_attacks)
+                    # Under DDP each rank starts from its rows of the one-process start (same seed).
+                    x0 = distributed.global_batch_start(x, atk.eps, s, rank, world) if ddp else None
+                    x = atk(x, y, seed=s, start_from=x0)  # Eq. 4: PGD in eval mode, train mode restored after
                 logits = net(x)
                 loss = F.cross_entropy(logits, y)  # Eq. 3 outer minimisation (DDP: mean of the rank means)
             optimizer.zero_grad(set_to_none=True)
@@ -216,7 +216,7 @@ def train_extractor(
 
     def validate(epoch: int) -> dict[str, float]:
         return _validate(model, data.val, eps_max, ec.val_attack_steps, step_size, device,
-                         config.precision, seed, max(ec.batch_size, 256))
+                         config.precision, seed, max(ec.batch_size, 256), config.compile_attacks)
 
     def score(val: dict[str, float]) -> float:
         # Robustness at the training budget first; clean accuracy breaks ties (and decides for budget 0).
@@ -254,7 +254,7 @@ def extractor_identity(config: Profile, data: TrainData, eps: float | tuple[floa
     ec = {k: v for k, v in dataclasses.asdict(config.extractor).items() if k != "budgets"}
     return {"stage": "extractor", "eps": eps, "model": dataclasses.asdict(model_config), "extractor": ec,
             "data": stage_data(config, data), "seed": config.seed, "precision": config.precision,
-            "deterministic": config.deterministic}
+            "deterministic": config.deterministic, "compile_attacks": config.compile_attacks}
 
 
 def attack_step(ec: ExtractorConfig, eps: float) -> float:

@@ -5,18 +5,16 @@ and the tests' oracle):
 
 - :func:`pgd_step` / :func:`pgd_step_reference`: one PGD iterate, L-inf or L2, projected and box-clamped.
 - :func:`random_start` / :func:`random_start_reference`: a uniform start inside the eps-ball.
-- :func:`pgd_loop`: THE PGD loop of the project (afs.attacks, training and evaluation all call it), and
-  :func:`compiled_pgd_loop` / :class:`CompiledPGD`, its ``torch.compile``d form.
-- :func:`merger_head` / :func:`merger_head_reference` : a stack's final BN-affine + ReLU
-  + pool + concat + linear merger in one fused pass, differentiable w.r.t. the feature maps and the merger
-  (``afs.stacking.StackedModel`` runs on it).
+- :func:`pgd_loop`: THE PGD loop of the project (``afs.attacks.PGD`` runs it), eager or ``torch.compile``d.
+- :func:`merger_head` / :func:`merger_head_reference`: a stack's final BN + ReLU + pool + concat + linear
+  merger in one fused pass, differentiable w.r.t. the feature maps and the merger (``StackedModel`` runs on it).
 
 Triton runs on CPU tensors only under ``TRITON_INTERPRET=1``, which must be set before this package is
 imported (Triton reads it when the kernels are decorated).
 """
 
-from ._common import HAS_TRITON, Backend, Norm
-from .attack_loop import CompiledPGD, compiled_pgd_loop, frozen_parameters, pgd_loop, sum_cross_entropy
+from ._common import HAS_TRITON, Backend, Choice, Norm
+from .attack_loop import COMPILED_PIXEL_TOLERANCE, pgd_loop, sum_cross_entropy
 from .merger_head import merger_head, merger_head_reference
 from .pgd_step import pgd_step, pgd_step_reference
 from .random_start import random_start, random_start_reference
@@ -24,10 +22,9 @@ from .random_start import random_start, random_start_reference
 __all__ = [
     "HAS_TRITON",
     "Backend",
+    "Choice",
     "Norm",
-    "CompiledPGD",
-    "compiled_pgd_loop",
-    "frozen_parameters",
+    "COMPILED_PIXEL_TOLERANCE",
     "pgd_loop",
     "pgd_step",
     "pgd_step_reference",

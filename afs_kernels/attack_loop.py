@@ -1,17 +1,13 @@
-"""THE PGD loop of the project, eager (:func:`pgd_loop`) and ``torch.compile``d (:class:`CompiledPGD`).
+"""THE PGD loop of the project, eager or ``torch.compile``d (:func:`pgd_loop`, ``compile=``).
 
-``afs.attacks.PGD``, adversarial training of the extractors, merger training and evaluation all go through
-this module; nobody else writes a PGD loop (the authors' release had three copies that drifted apart).
+``afs.attacks.PGD`` (and through it training, the merger and evaluation) runs every gradient step here;
+nobody else writes a PGD loop (the authors' release had three copies that drifted apart). The loop does
+not choose the start (pass ``x_start``, e.g. from :func:`random_start`) nor touch ``model.train()/eval()``.
 
-What the loop does NOT do: choose the start (pass ``x_start``, e.g. from :func:`random_start`) or touch
-``model.train()/eval()`` -- the caller (``afs.attacks.PGD``) owns the mode and restores it.
-
-Gradients are taken w.r.t. the input only. The eager loop calls ``torch.autograd.grad(loss, x)``: the
-autograd engine then runs only the nodes on the path to ``x``, so weight-gradient kernels are skipped
-(e.g. a convolution backward computes grad_input only) and no parameter's ``.grad`` is ever written.
-The compiled loop uses ``torch.func.grad`` (which Dynamo traces without a graph break) with the
-parameters frozen for the attack, so the whole step -- forward, input-gradient backward and the PGD
-update -- becomes one inference graph with no weight gradients and no saved-for-backward buffers.
+Gradients are taken w.r.t. the input only. Eager: ``torch.autograd.grad(loss, x)`` runs only the nodes on
+the path to ``x`` (a convolution's backward computes grad_input only) and never writes a ``.grad``.
+Compiled: ``torch.func.grad`` (traced by Dynamo without a graph break) with the parameters frozen for
+the call, so forward, input-gradient backward and update become one inference graph per step.
 """
 
 from __future__ import annotations
@@ -24,17 +20,16 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ._common import Budget, Norm, as_budget, check_same, check_tensor
-from .pgd_step import pgd_step, pgd_step_math
+from ._common import Budget, Norm, as_budget, check_box, check_same, check_tensor
+from .pgd_step import _dispatch, _math
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 # How far the compiled loop may drift from the eager one: the share of pixels whose final values differ.
-# Inductor reorders float reductions (and on CUDA picks its own convolution algorithms, TF32 off or not),
-# so where an input gradient is ~0 its sign can flip and that pixel moves by one step the other way; each
-# flip can then steer later steps. On the CPU well under 1% differ; 2% leaves room for the GPU's larger
-# reordering while still catching a loop that computes a different attack (which differs almost everywhere).
-# The one tolerance of the project: the compile test and notebook 07 both use it.
+# Inductor reorders float reductions (and on CUDA picks its own convolution algorithms), so where an input
+# gradient is ~0 its sign can flip and that pixel moves one step the other way, which can steer later
+# steps. On the CPU well under 1% differ; 2% leaves room for the GPU while still catching a loop that
+# computes a different attack (which differs almost everywhere). The compile test and notebook 07 use it.
 COMPILED_PIXEL_TOLERANCE = 0.02
 
 
@@ -44,150 +39,102 @@ def sum_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
-# --------------------------------------------------------------------------------------------------------
-# Validation, shared by the eager and the compiled loop (runs once per attack, not per step)
-# --------------------------------------------------------------------------------------------------------
-def _prepare(
-    model: Any,
-    x_nat: Any,
-    y: Any,
-    x_start: Any,
-    eps: Budget,
-    step_size: Budget,
-    steps: Any,
-    norm: Any,
-    loss_fn: LossFn | None,
-) -> tuple[Norm, torch.Tensor, torch.Tensor, LossFn]:
-    """Validate one attack's inputs; return the norm, eps and step as fp32 [] or [B], and the loss.
-
-    The value checks (budgets finite and >= 0, ``x_nat`` in [0, 1]) cost host syncs on CUDA; they run
-    here once so each step can call ``pgd_step(..., check=False)``.
-    """
+def _prepare(model: Any, x_nat: Any, y: Any, x_start: Any, steps: Any, loss_fn: LossFn | None) -> None:
+    """The checks of one attack's inputs (run once per call, never per step; host syncs on CUDA)."""
     if not callable(model):
         raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
-    norm_ = Norm.parse(norm, "norm")
     check_tensor(x_nat, "x_nat")
     check_same(x_nat, "x_nat", x_start, "x_start")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor, got {type(y).__name__}")
-    if loss_fn is None:
-        # Only the default loss fixes what y is; a custom loss_fn may take any target.
+    if loss_fn is None:  # only the default loss fixes what y is; a custom loss may take any target
         if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8):
             raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
         if y.shape != x_nat.shape[:1]:
             raise ValueError(f"y must have shape [B]=[{x_nat.shape[0]}], got {tuple(y.shape)}")
         if y.device != x_nat.device:
             raise ValueError(f"device mismatch: y is on {y.device}, x_nat on {x_nat.device}")
-        loss_fn = sum_cross_entropy
     elif not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable(logits, y) -> scalar, got {type(loss_fn).__name__}")
-    if isinstance(model, torch.nn.Module):
-        first = next(model.parameters(), None)
-        if first is not None and first.device != x_nat.device:
-            raise ValueError(f"device mismatch: model parameters are on {first.device}, x_nat on {x_nat.device}")
+    first = next(model.parameters(), None) if isinstance(model, torch.nn.Module) else None
+    if first is not None and first.device != x_nat.device:
+        raise ValueError(f"device mismatch: model parameters are on {first.device}, x_nat on {x_nat.device}")
     if torch.is_inference_mode_enabled():
         raise RuntimeError("PGD needs autograd for the input gradient; call it outside torch.inference_mode()")
-    batch, device = x_nat.shape[0], x_nat.device
-    eps_t = as_budget(eps, "eps", batch, device, check=True)
-    step_t = as_budget(step_size, "step_size", batch, device, check=True)
-    if x_nat.numel() > 0:
-        lo, hi = torch.aminmax(x_nat.detach())
-        if bool(lo < 0) or bool(hi > 1):
-            raise ValueError(f"x_nat must lie in the [0, 1] pixel box, got values in [{lo.item()}, {hi.item()}]")
-    return norm_, eps_t, step_t, loss_fn
+    check_box(x_nat, "x_nat")
 
 
-# --------------------------------------------------------------------------------------------------------
-# Eager loop
-# --------------------------------------------------------------------------------------------------------
-def pgd_loop(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    x_nat: torch.Tensor,
-    y: torch.Tensor,
-    x_start: torch.Tensor,
-    eps: Budget,
-    step_size: Budget,
-    steps: int,
-    norm: Norm | str = "Linf",
-    *,
-    clamp_box_each_step: bool = True,
-    loss_fn: LossFn | None = None,
-) -> torch.Tensor:
+def pgd_loop(model: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, y: torch.Tensor,
+             x_start: torch.Tensor, eps: Budget, step_size: Budget, steps: int, norm: Norm | str = "Linf", *,
+             clamp_box_each_step: bool = True, loss_fn: LossFn | None = None, compile: dict[str, Any] | None = None,
+             check: bool = True) -> torch.Tensor:
     """Run ``steps`` PGD iterations from ``x_start``; return the final iterate (detached).
 
     Args:
         model: maps (B, ...) inputs in [0, 1] to logits; its train/eval mode is left as the caller set it.
-        x_nat: clean inputs (B, ...), in [0, 1]. y: labels [B] (or whatever ``loss_fn`` takes).
-        x_start: first iterate, same shape/dtype/device as ``x_nat`` (e.g. :func:`random_start`).
-        eps, step_size: floats, 0-d tensors or per-sample tensors [B]; >= 0.
-        steps: number of gradient steps (0 returns ``x_start``; box-clamped in the authors' variant).
-        norm: ``"Linf"`` or ``"L2"``.
-        clamp_box_each_step: ``True`` (standard PGD): clamp to [0, 1] after every step. ``False`` (the
-            authors' variant): steps only project onto the eps-ball; the result is clamped once at the end.
-        loss_fn: ``loss_fn(logits, y) -> scalar`` to ascend; default cross-entropy summed over the batch.
+        x_nat: clean inputs (B, ...) in [0, 1]. y: labels [B] (or whatever ``loss_fn`` takes).
+        x_start: the first iterate, same shape/dtype/device as ``x_nat``.
+        eps, step_size: floats, 0-d tensors or per-sample [B] tensors; >= 0.
+        steps: gradient steps (0 returns ``x_start``, box-clamped in the authors' variant).
+        clamp_box_each_step: ``True`` (standard): clamp to [0, 1] after every step. ``False`` (the authors'
+            variant): steps only project onto the eps-ball; the result is clamped once at the end.
+        loss_fn: ``loss_fn(logits, y) -> scalar`` to ascend; default :func:`sum_cross_entropy`.
+        compile: ``None`` (eager) or ``torch.compile`` options for the step (``{}``: Inductor; e.g.
+            ``{"backend": "aot_eager"}``, ``{"mode": "reduce-overhead", "dynamic": False}``); needs an
+            ``nn.Module``. Same attack within float noise (:data:`COMPILED_PIXEL_TOLERANCE`).
+        check: validate the inputs; ``False`` when the caller already did (``afs.attacks.PGD``).
     """
-    norm_, eps_t, step_t, loss = _prepare(model, x_nat, y, x_start, eps, step_size, steps, norm, loss_fn)
+    if check:
+        _prepare(model, x_nat, y, x_start, steps, loss_fn)
+    norm_ = Norm.parse(norm, "norm")
+    eps_t = as_budget(eps, "eps", x_nat.shape[0], x_nat.device, check=check)  # fp32 [] or [B]
+    step_t = as_budget(step_size, "step_size", x_nat.shape[0], x_nat.device, check=check)
+    loss = sum_cross_entropy if loss_fn is None else loss_fn
     x_nat = x_nat.detach()
     x = x_start.detach().clone()  # a fresh leaf, even from an inference-mode tensor
-    with torch.enable_grad():  # callers often evaluate under no_grad; the input gradient needs autograd
-        for _ in range(steps):
-            x.requires_grad_(True)
-            objective = loss(model(x), y)
-            # Only the input's gradient: the engine prunes every weight-gradient branch.
-            (grad,) = torch.autograd.grad(objective, x, allow_unused=True)
-            if grad is None:
-                raise ValueError("the loss does not depend on the input x; cannot take a PGD step")
-            x = pgd_step(x.detach(), grad, x_nat, eps_t, step_t, norm_, clamp_box=clamp_box_each_step, check=False)
+    if compile is not None:
+        x = _compiled_loop(model, compile, loss, x, y, x_nat, eps_t, step_t, steps, norm_, clamp_box_each_step)
+    else:
+        with torch.enable_grad():  # callers often evaluate under no_grad; the input gradient needs autograd
+            for _ in range(steps):
+                x.requires_grad_(True)
+                # Only the input's gradient: the engine prunes every weight-gradient branch.
+                (grad,) = torch.autograd.grad(loss(model(x), y), x, allow_unused=True)
+                if grad is None:
+                    raise ValueError("the loss does not depend on the input x; cannot take a PGD step")
+                x = _dispatch(x.detach(), grad, x_nat, eps_t, step_t, norm_, clamp_box_each_step)
     if not clamp_box_each_step:
         x = x.clamp(0.0, 1.0)  # the authors' variant clamps to the box once, after the loop
     return x.detach()
 
 
 # --------------------------------------------------------------------------------------------------------
-# Compiled loop
+# Compiled form
 # --------------------------------------------------------------------------------------------------------
-def _attack_step(
-    model: torch.nn.Module,
-    buffers: dict[str, torch.Tensor],
-    loss_fn: LossFn,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    x_nat: torch.Tensor,
-    eps: torch.Tensor,
-    step: torch.Tensor,
-    norm: Norm,
-    clamp_box: bool,
-    bf16: bool,
-) -> torch.Tensor:
+def _attack_step(model: torch.nn.Module, buffers: dict[str, torch.Tensor], loss_fn: LossFn, x: torch.Tensor,
+                 y: torch.Tensor, x_nat: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, norm: Norm,
+                 clamp_box: bool) -> torch.Tensor:
     """One PGD step as one traceable function: forward, input gradient, projected update.
 
-    ``eps``/``step`` are fp32 tensors of shape [B]: tensors (not floats) so new budgets are new *data*
-    for the same graph, and always [B] so scalar and per-sample budgets share it too.
-    ``buffers`` (the model's named buffers) go in explicitly: ``torch.func.grad`` refuses in-place updates
-    of captured tensors, which a BatchNorm in train mode does to its running statistics; as explicit
-    inputs the updates are allowed and land in the model's own buffers, as in the eager loop.
+    ``eps``/``step`` are fp32 [B] tensors: data, not constants, so new budgets reuse the graph. The
+    buffers go in explicitly: ``torch.func.grad`` refuses in-place updates of captured tensors, which a
+    train-mode BatchNorm does to its running stats; as inputs they are allowed and land in the model's.
     """
 
     def objective(x_in: torch.Tensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
-        # bf16 autocast covers the model only; the loss and the update stay in fp32.
-        with torch.autocast(device_type=x_in.device.type, dtype=torch.bfloat16, enabled=bf16):
-            logits = torch.func.functional_call(model, bufs, (x_in,), strict=False)
-        return loss_fn(logits.float(), y)
+        return loss_fn(torch.func.functional_call(model, bufs, (x_in,), strict=False).float(), y)
 
     grad = torch.func.grad(objective)(x, buffers)  # argnums=0: w.r.t. the input only
-    return pgd_step_math(x, grad, x_nat, eps, step, norm, clamp_box)
+    return _math(x, grad, x_nat, eps, step, norm, clamp_box)
 
 
 @contextmanager
-def frozen_parameters(model: Any) -> Iterator[None]:
-    """Set every parameter of ``model`` to ``requires_grad=False`` inside the block; restore after.
-
-    With no parameter requiring grad the compiled step is an inference graph: no weight gradients, no
-    activations kept for a backward that never comes.
-    """
-    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
+    """Every parameter ``requires_grad=False`` inside the block (restored after): the compiled step is then
+    an inference graph, with no weight gradients and no activations kept for a backward."""
+    params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     try:
         for p in params:
@@ -198,148 +145,40 @@ def frozen_parameters(model: Any) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
-def _private_copy(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """A copy of ``fn`` with its own code object.
-
-    Dynamo keeps its compiled-graph cache on the code object, capped at a few entries
-    (``torch._dynamo.config.recompile_limit``) before it silently falls back to eager. A notebook compiles
-    the step for many models, norms and batch sizes; a private code object per :class:`CompiledPGD`
-    keeps each instance's graphs in its own cache instead of all of them competing for one.
-    """
-    code = fn.__code__.replace()  # an equal but distinct code object
-    copy = types.FunctionType(code, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-    copy.__kwdefaults__, copy.__doc__, copy.__qualname__ = fn.__kwdefaults__, fn.__doc__, fn.__qualname__
-    return copy
-
-
-class CompiledPGD:
-    """:func:`pgd_loop` with each step (forward + input-gradient + update) compiled by ``torch.compile``.
-
-    Call it like ``pgd_loop`` without the model. The Python loop over ``steps`` stays outside the graph, so
-    the step count never recompiles, and eps/step always enter as fp32 [B] tensors, so a sweep over
-    budgets (scalar or per-sample) reuses one graph. What does recompile: a new norm or
-    ``clamp_box_each_step`` value, a new ``loss_fn`` object, a new dtype; a new batch size recompiles
-    once more, then as a dynamic-shape graph (unless ``dynamic=False``).
-
-    Args:
-        model: an ``nn.Module``. Its parameters are frozen only for the duration of each call.
-        backend, mode, dynamic, fullgraph: passed to ``torch.compile`` (``mode`` only when given).
-        bf16: run the model under bf16 autocast (meant for GPUs; allowed on CPU). Loss and update stay fp32.
-        channels_last: convert the model's parameters to channels_last IN PLACE once (values unchanged)
-            and feed 4-D inputs as channels_last; a GPU convolution speed-up.
-        weak_model: hold the model by a weak reference (what the :func:`compiled_pgd_loop` cache does,
-            so that a cached attack does not keep its model alive).
-    """
-
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        *,
-        backend: str | Callable[..., Any] = "inductor",
-        mode: str | None = None,
-        dynamic: bool | None = None,
-        bf16: bool = False,
-        channels_last: bool = False,
-        fullgraph: bool = False,
-        weak_model: bool = False,
-    ) -> None:
-        if not isinstance(model, torch.nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        self._model_ref = weakref.ref(model)
-        self._model_strong = None if weak_model else model
-        self.backend, self.mode, self.dynamic = backend, mode, dynamic
-        self.bf16, self.channels_last, self.fullgraph = bool(bf16), bool(channels_last), bool(fullgraph)
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)  # no-op for parameters that are not 4-D
-        options: dict[str, Any] = {"backend": backend, "dynamic": dynamic, "fullgraph": fullgraph}
-        if mode is not None:
-            options["mode"] = mode
-        self._step = torch.compile(_private_copy(_attack_step), **options)
-
-    @property
-    def model(self) -> torch.nn.Module:
-        """The attacked model (an error if a weakly held model was garbage-collected)."""
-        model = self._model_ref()
-        if model is None:
-            raise RuntimeError("the model of this cached compiled attack no longer exists; keep a reference to it")
-        return model
-
-    def __repr__(self) -> str:
-        model = self._model_ref()
-        return (
-            f"CompiledPGD(model={type(model).__name__}, backend={self.backend!r}, mode={self.mode!r}, "
-            f"dynamic={self.dynamic}, bf16={self.bf16}, channels_last={self.channels_last})"
-        )
-
-    def __call__(
-        self,
-        x_nat: torch.Tensor,
-        y: torch.Tensor,
-        x_start: torch.Tensor,
-        eps: Budget,
-        step_size: Budget,
-        steps: int,
-        norm: Norm | str = "Linf",
-        *,
-        clamp_box_each_step: bool = True,
-        loss_fn: LossFn | None = None,
-    ) -> torch.Tensor:
-        """Same contract as :func:`pgd_loop` (minus ``model``); returns the final iterate, detached."""
-        model = self.model
-        norm_, eps_t, step_t, loss = _prepare(model, x_nat, y, x_start, eps, step_size, steps, norm, loss_fn)
-        batch = x_nat.shape[0]
-        eps_b = eps_t.expand(batch).contiguous()  # (B,): one graph for scalar and per-sample budgets
-        step_b = step_t.expand(batch).contiguous()
-        x_nat = x_nat.detach()
-        x = x_start.detach().clone()
-        if self.channels_last and x.dim() == 4:
-            x_nat = x_nat.contiguous(memory_format=torch.channels_last)
-            x = x.contiguous(memory_format=torch.channels_last)
-        cudagraphs = self.mode is not None and "reduce-overhead" in self.mode
-        buffers = dict(model.named_buffers())
-        with frozen_parameters(model), torch.enable_grad():
-            for _ in range(steps):
-                if cudagraphs:
-                    torch.compiler.cudagraph_mark_step_begin()
-                x = self._step(
-                    model, buffers, loss, x, y, x_nat, eps_b, step_b, norm_, clamp_box_each_step, self.bf16
-                )
-                if cudagraphs:
-                    x = x.clone()  # a CUDA-graph output is overwritten by the next replay
-        if not clamp_box_each_step:
-            x = x.clamp(0.0, 1.0)
-        return x.detach()
-
-
-# One CompiledPGD per (model, options): repeated calls reuse the compiled step (a fresh CompiledPGD has a
-# fresh code object, hence an empty Dynamo cache). Weak keys, and the cached attacks hold their model
-# weakly too, so a model that goes away takes its entries with it.
-_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Any, ...], CompiledPGD]]
+# One compiled step per (model, options). Dynamo caches graphs on the code object, a few entries each
+# before it silently falls back to eager; a private copy of the step's code per entry keeps each model's
+# graphs in their own cache. Weak keys: a model that goes away takes its entries with it.
+_COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Any, ...], Callable[..., torch.Tensor]]]
 _COMPILED = weakref.WeakKeyDictionary()
 
 
-def compiled_pgd_loop(
-    model: torch.nn.Module,
-    *,
-    backend: str | Callable[..., Any] = "inductor",
-    mode: str | None = None,
-    dynamic: bool | None = None,
-    bf16: bool = False,
-    channels_last: bool = False,
-    fullgraph: bool = False,
-) -> CompiledPGD:
-    """A cached :class:`CompiledPGD` for ``model`` and these options (built on first request)."""
-    key = (backend, mode, dynamic, bool(bf16), bool(channels_last), bool(fullgraph))
+def _compiled_step(model: torch.nn.Module, options: dict[str, Any]) -> Callable[..., torch.Tensor]:
     per_model = _COMPILED.setdefault(model, {})
+    key = tuple(sorted(options.items(), key=lambda kv: kv[0]))
     if key not in per_model:
-        per_model[key] = CompiledPGD(
-            model,
-            backend=backend,
-            mode=mode,
-            dynamic=dynamic,
-            bf16=bf16,
-            channels_last=channels_last,
-            fullgraph=fullgraph,
-            weak_model=True,
-        )
+        fn = _attack_step
+        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+        per_model[key] = torch.compile(copy, **options)
     return per_model[key]
+
+
+def _compiled_loop(model: Any, options: dict[str, Any], loss: LossFn, x: torch.Tensor, y: torch.Tensor,
+                   x_nat: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, steps: int, norm: Norm,
+                   clamp_box: bool) -> torch.Tensor:
+    """The step loop with each step compiled; the Python loop stays outside, so ``steps`` never recompiles."""
+    if not isinstance(model, torch.nn.Module) or not isinstance(options, dict):
+        raise TypeError(f"compile needs an nn.Module and a dict of torch.compile options, got "
+                        f"{type(model).__name__} and {type(options).__name__}")
+    fn = _compiled_step(model, options)
+    batch = x.shape[0]
+    eps_b, step_b = eps.expand(batch).contiguous(), step.expand(batch).contiguous()  # (B,): one graph for both
+    cudagraphs = "reduce-overhead" in str(options.get("mode"))
+    buffers = dict(model.named_buffers())
+    with _frozen_parameters(model), torch.enable_grad():
+        for _ in range(steps):
+            if cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            x = fn(model, buffers, loss, x, y, x_nat, eps_b, step_b, norm, clamp_box)
+            if cudagraphs:
+                x = x.clone()  # a CUDA-graph output is overwritten by the next replay
+    return x

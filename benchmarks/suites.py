@@ -50,17 +50,11 @@ from afs.evidence import Bootstrap, percentile_interval
 from afs.models import SmallCNN, WideResNet
 from afs.runs import AutocastModel
 from afs.stacking import StackedModel
-from afs_kernels import (
-    CompiledPGD,
-    frozen_parameters,
-    merger_head,
-    pgd_loop,
-    pgd_step,
-    random_start,
-    sum_cross_entropy,
-)
+from afs_kernels import merger_head, pgd_loop, pgd_step, random_start, sum_cross_entropy
 from afs_kernels._common import HAS_TRITON, is_interpreted
-from afs_kernels.pgd_step import _pgd_linf_kernel, pgd_step_math
+from afs_kernels.attack_loop import _frozen_parameters
+from afs_kernels.pgd_step import _math as pgd_step_math
+from afs_kernels.pgd_step import _pgd_linf_kernel
 
 from .harness import Recorder, Timing, first_call_seconds, measure
 
@@ -209,7 +203,7 @@ def attack_step_flops(model: nn.Module, cfg: BenchConfig, device: torch.device, 
 
     if weight_grads:
         return _count(step)
-    with frozen_parameters(model):
+    with _frozen_parameters(model):
         return _count(step)
 
 
@@ -276,7 +270,7 @@ def suite_pgd(cfg: BenchConfig, rec: Recorder) -> None:
     """PGD-``steps`` images/s and achieved TFLOP/s for the four loop variants, per batch size."""
     device = cfg.torch_device()
     model = build_model(cfg, device, cfg.seed)  # NCHW fp32: variants (a) and (b)
-    fast = copy.deepcopy(model)  # (c)/(d) convert it to channels_last in place
+    fast = copy.deepcopy(model).to(memory_format=torch.channels_last)  # (c)/(d): same weights, NHWC
     useful = attack_step_flops(model, cfg, device, weight_grads=False)
     executed_authors = attack_step_flops(model, cfg, device, weight_grads=True)
     rec.note(f"{cfg.model}: {useful / 1e9:.3f} GFLOP per image per attack step (forward + input gradient), "
@@ -321,15 +315,19 @@ def _pgd_batch(cfg: BenchConfig, rec: Recorder, device: torch.device, model: nn.
     # (c) compiled + bf16 autocast + channels_last; static shapes (one graph per batch size).
     t_c: Timing | None = None
     with rec.guard(f"B={batch} compiled_bf16_channels_last"):
-        attack_c = CompiledPGD(fast, backend=cfg.compile_backend, dynamic=False, bf16=on_cuda, channels_last=True)
+        # bf16 on CUDA through an autocast wrapper; channels_last: fast's weights are, and so are the inputs.
+        target_c = AutocastModel(fast, device.type) if on_cuda else fast
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        opts_c = {"backend": cfg.compile_backend, "dynamic": False}
 
         def compiled() -> torch.Tensor:
-            return attack_c(x, y, random_start(x, EPS, seed=cfg.seed), EPS, ALPHA, cfg.steps)
+            return pgd_loop(target_c, x_cl, y, random_start(x_cl, EPS, seed=cfg.seed), EPS, ALPHA, cfg.steps,
+                            compile=opts_c)
 
         comp_c, t_c = _compiled(compiled, device, cfg.warmup, cfg.reps)
         add("compiled_bf16_channels_last", t_c, _fast_dtype(device), comp_c,
             speedup_vs_ours_eager=t_b.median_ms / t_c.median_ms)
-        del attack_c
+        del target_c
     _release(device)
 
     # (d) (c) with CUDA graphs (Inductor's "reduce-overhead"): removes launch overhead between kernels.
@@ -337,18 +335,20 @@ def _pgd_batch(cfg: BenchConfig, rec: Recorder, device: torch.device, model: nn.
         rec.note(f"B={batch} compiled_bf16_channels_last_cudagraphs skipped: CUDA graphs need a CUDA device")
         return
     with rec.guard(f"B={batch} compiled_bf16_channels_last_cudagraphs"):
-        attack_d = CompiledPGD(fast, backend=cfg.compile_backend, mode="reduce-overhead", dynamic=False,
-                               bf16=True, channels_last=True)
+        target_d = AutocastModel(fast, device.type)
+        x_cl = x.contiguous(memory_format=torch.channels_last)
+        opts_d = {"backend": cfg.compile_backend, "mode": "reduce-overhead", "dynamic": False}
 
         def graphed() -> torch.Tensor:
-            return attack_d(x, y, random_start(x, EPS, seed=cfg.seed), EPS, ALPHA, cfg.steps)
+            return pgd_loop(target_d, x_cl, y, random_start(x_cl, EPS, seed=cfg.seed), EPS, ALPHA, cfg.steps,
+                            compile=opts_d)
 
         # Two warm-ups at least: CUDA-graph trees record on a later call than the compiling one.
         comp_d, t_d = _compiled(graphed, device, max(cfg.warmup, 2), cfg.reps)
         vs_c = {"speedup_vs_compiled": t_c.median_ms / t_d.median_ms} if t_c is not None else {}
         add("compiled_bf16_channels_last_cudagraphs", t_d, "bfloat16-autocast", comp_d,
             speedup_vs_ours_eager=t_b.median_ms / t_d.median_ms, **vs_c)
-        del attack_d
+        del target_d
     _release(device)
 
 
@@ -533,12 +533,14 @@ def suite_at_epoch(cfg: BenchConfig, rec: Recorder) -> None:
     # Ours: compiled bf16 channels_last attack, bf16-autocast channels_last training step, whole epoch timed.
     model = build_model(cfg, device, cfg.seed).to(memory_format=torch.channels_last)
     opt = sgd(model)
-    attack = CompiledPGD(model, backend=cfg.compile_backend, dynamic=False, bf16=on_cuda, channels_last=True)
+    target = AutocastModel(model, device.type) if on_cuda else model
+    opts = {"backend": cfg.compile_backend, "dynamic": False}
 
     def our_batch(i: int) -> None:
         x, y = x_all[i * batch : (i + 1) * batch], y_all[i * batch : (i + 1) * batch]
+        x = x.contiguous(memory_format=torch.channels_last)
         model.eval()  # the attack runs in eval mode (frozen BN statistics), as afs.attacks.PGD does
-        x_adv = attack(x, y, random_start(x, EPS, seed=cfg.seed + i), EPS, ALPHA, cfg.steps)
+        x_adv = pgd_loop(target, x, y, random_start(x, EPS, seed=cfg.seed + i), EPS, ALPHA, cfg.steps, compile=opts)
         model.train()
         with _autocast(device):
             loss = F.cross_entropy(model(x_adv), y)
@@ -560,7 +562,7 @@ def suite_at_epoch(cfg: BenchConfig, rec: Recorder) -> None:
                 extra={"batches_timed": n_batches, "compute_bound_s": bound_s, "time_over_bound": ours_s / bound_s,
                        "issue_bound_s": ISSUE_AT_EPOCH_BOUND_S, "flops_per_image": per_image,
                        "achieved_tflops": cfg.epoch_images * per_image / ours_s / 1e12})
-    del x_all, y_all, model, opt, attack
+    del x_all, y_all, model, opt, target
     _release(device)
 
 
@@ -585,7 +587,7 @@ def suite_merger_head(cfg: BenchConfig, rec: Recorder) -> None:
     bias = torch.zeros(cfg.num_classes, device=device, requires_grad=True)
 
     def unfused(fmaps: list[torch.Tensor]) -> torch.Tensor:
-        # What StackedModel runs: each member's pool() (BN -> ReLU -> mean), concat, the merger Linear.
+        # The unfused composition (StackedModel's CPU path): each final BN -> ReLU -> mean, concat, Linear.
         with _autocast(device):
             feats = torch.cat([F.relu(bn(f)).mean(dim=(2, 3)) for f, bn in zip(fmaps, bns)], dim=1)
             return F.linear(feats, weight, bias)
@@ -747,15 +749,15 @@ def _at_step(net: nn.Module, *, bf16: bool, channels_last: bool, compile_backend
     back), then one SGD step on the adversarial batch in train mode. ``bf16``: attack and training forward
     under bf16 autocast; ``compile_backend``: the attack's steps torch.compile'd (the weight update stays eager)."""
     target = AutocastModel(net, "cpu") if bf16 else net
-    attack = PGD(target, eps=EPS, alpha=AT_ALPHA, steps=AT_STEPS, compile=compile_backend is not None,
-                 compile_backend=compile_backend or "inductor")
+    attack = PGD(target, eps=EPS, step_size=AT_ALPHA, steps=AT_STEPS,
+                 compile=False if compile_backend is None else {"backend": compile_backend})
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
 
     def step(x: torch.Tensor, y: torch.Tensor, i: int) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=_CL)
         net.train()
-        x_adv = attack.perturb(x, y, seed=seed + i)  # Eq. 4, in eval mode (frozen BN statistics)
+        x_adv = attack(x, y, seed=seed + i)  # Eq. 4, in eval mode (frozen BN statistics)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss = F.cross_entropy(net(x_adv), y)
         opt.zero_grad(set_to_none=True)
@@ -834,15 +836,15 @@ def suite_cpu(cfg: BenchConfig, rec: Recorder) -> None:
                 return atk(x, y)
 
         variants.append(("torchattacks_fp32", "float32", run_ta))
-    ours = PGD(model, eps=EPS, alpha=ALPHA, steps=k)
-    variants.append(("ours_eager_fp32", "float32", lambda x, y, i: ours.perturb(x, y, seed=cfg.seed + i)))
-    ours_bf16 = PGD(fast, eps=EPS, alpha=ALPHA, steps=k)
+    ours = PGD(model, eps=EPS, step_size=ALPHA, steps=k)
+    variants.append(("ours_eager_fp32", "float32", lambda x, y, i: ours(x, y, seed=cfg.seed + i)))
+    ours_bf16 = PGD(fast, eps=EPS, step_size=ALPHA, steps=k)
     variants.append(("ours_bf16_channels_last", "bfloat16-autocast",
-                     lambda x, y, i: ours_bf16.perturb(x.contiguous(memory_format=_CL), y, seed=cfg.seed + i)))
+                     lambda x, y, i: ours_bf16(x.contiguous(memory_format=_CL), y, seed=cfg.seed + i)))
     if cfg.cpu_compile:
-        ours_comp = PGD(fast, eps=EPS, alpha=ALPHA, steps=k, compile=True, compile_backend=cfg.compile_backend)
+        ours_comp = PGD(fast, eps=EPS, step_size=ALPHA, steps=k, compile={"backend": cfg.compile_backend})
         variants.append(("ours_compiled_bf16_channels_last", "bfloat16-autocast",
-                         lambda x, y, i: ours_comp.perturb(x.contiguous(memory_format=_CL), y, seed=cfg.seed + i)))
+                         lambda x, y, i: ours_comp(x.contiguous(memory_format=_CL), y, seed=cfg.seed + i)))
     shapes = {"x": [b, *CIFAR_SHAPE], "steps": k, "eps": EPS, "alpha": ALPHA}
 
     # 1. Speed, on the first evaluation batch (speed does not depend on the pixels).

@@ -1,4 +1,4 @@
-"""The project's single PGD loop: eager ``pgd_loop`` and the ``torch.compile``d ``CompiledPGD``.
+"""The project's single PGD loop: ``pgd_loop``, eager and ``torch.compile``d (``compile=``).
 
 Compiled tests use ``backend="aot_eager"`` (or a counting wrapper of it); exactly one test uses Inductor.
 """
@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from afs_kernels import CompiledPGD, compiled_pgd_loop, pgd_loop, random_start
+from afs_kernels import pgd_loop, random_start
 from afs_kernels.attack_loop import COMPILED_PIXEL_TOLERANCE, sum_cross_entropy
 
 N_CLASSES = 3
@@ -217,15 +217,15 @@ def test_pgd_loop_errors(model, data):
 def test_compiled_budget_sweep_compiles_once(model, data, fresh_dynamo):
     x, y = data
     counter = CountingBackend()
-    attack = CompiledPGD(model, backend=counter, fullgraph=True)  # fullgraph: a graph break would raise
+    opts = {"backend": counter, "fullgraph": True}  # fullgraph: a graph break would raise
     eager_model = copy.deepcopy(model)
     budgets = [2 / 255, torch.tensor(4 / 255), torch.linspace(0, 8 / 255, x.shape[0])]  # float, 0-d, [B]
     for eps in budgets:
-        out = attack(x, y, x.clone(), eps, 1 / 255, 3)
+        out = pgd_loop(model, x, y, x.clone(), eps, 1 / 255, 3, compile=opts)
         ref = pgd_loop(eager_model, x, y, x.clone(), eps, 1 / 255, 3)
         torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
     assert counter.compiles == 1, f"{counter.compiles} compilations for a sweep over 3 budgets"
-    attack(x, y, x.clone(), 8 / 255, 2 / 255, 7)  # a new step count is not a new graph either
+    pgd_loop(model, x, y, x.clone(), 8 / 255, 2 / 255, 7, compile=opts)  # a new step count: no new graph
     assert counter.compiles == 1
 
 
@@ -233,12 +233,10 @@ def test_compiled_agrees_with_eager_and_freezes_parameters(model, data, fresh_dy
     x, y = data
     model.fc.weight.requires_grad_(False)  # a caller's own frozen parameter must stay frozen
     flags = [p.requires_grad for p in model.parameters()]
-    attack = compiled_pgd_loop(model, backend="aot_eager")
-    assert compiled_pgd_loop(model, backend="aot_eager") is attack, "compiled attacks must be cached"
     for norm, eps in (("Linf", 16 / 255), ("L2", 1.0)):
         start = random_start(x, eps, norm, seed=2)
         eager = pgd_loop(model, x, y, start, eps, eps / 4, 5, norm)
-        compiled = attack(x, y, start, eps, eps / 4, 5, norm)
+        compiled = pgd_loop(model, x, y, start, eps, eps / 4, 5, norm, compile={"backend": "aot_eager"})
         size = _linf if norm == "Linf" else _l2
         assert bool((size(compiled, x) <= eps * (1 + 1e-5)).all())
         assert float(compiled.min()) >= 0.0 and float(compiled.max()) <= 1.0
@@ -253,57 +251,73 @@ def test_compiled_train_mode_updates_batchnorm_like_eager(data, fresh_dynamo):
     """A BatchNorm in train mode mutates its running stats inside the gradient transform: still allowed."""
     x, y = data
     eager_model, compiled_model = TinyNet().train(), TinyNet().train()
-    attack = CompiledPGD(compiled_model, backend="aot_eager")
     a = pgd_loop(eager_model, x, y, x.clone(), 8 / 255, 2 / 255, 2, clamp_box_each_step=False)
-    b = attack(x, y, x.clone(), 8 / 255, 2 / 255, 2, clamp_box_each_step=False)
+    b = pgd_loop(compiled_model, x, y, x.clone(), 8 / 255, 2 / 255, 2, clamp_box_each_step=False,
+                 compile={"backend": "aot_eager"})
     torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
     torch.testing.assert_close(compiled_model.bn.running_mean, eager_model.bn.running_mean)
     assert int(compiled_model.bn.num_batches_tracked) == int(eager_model.bn.num_batches_tracked) == 2
     assert compiled_model.training
 
 
+class _Bf16(nn.Module):
+    """The model under bf16 autocast (what ``afs.runs.AutocastModel`` does for the profiles)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.model(x)
+
+
 def test_compiled_bf16_and_channels_last(data, fresh_dynamo):
     x, y = data
     model = TinyNet().eval()
-    attack = CompiledPGD(copy.deepcopy(model), backend="aot_eager", bf16=True, channels_last=True)
-    assert attack.model.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    fast = _Bf16(copy.deepcopy(model).to(memory_format=torch.channels_last))
+    xc = x.contiguous(memory_format=torch.channels_last)
     eps = 8 / 255
-    out = attack(x, y, random_start(x, eps, seed=0), eps, 2 / 255, 3)
+    out = pgd_loop(fast, xc, y, random_start(xc, eps, seed=0), eps, 2 / 255, 3, compile={"backend": "aot_eager"})
     assert out.shape == x.shape and out.dtype == x.dtype
     assert bool((_linf(out, x) <= eps + 1e-6).all())
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0
     with torch.no_grad():
         assert sum_cross_entropy(model(out), y) > sum_cross_entropy(model(x), y)
-    assert "bf16=True" in repr(attack)
 
 
-def test_compiled_cache_does_not_keep_models_alive():
+def test_compiled_cache_does_not_keep_models_alive(data):
+    from afs_kernels.attack_loop import _COMPILED
+
+    x, y = data
     model = TinyNet()
     ref = weakref.ref(model)
-    attack = compiled_pgd_loop(model, backend="aot_eager")
-    assert compiled_pgd_loop(model, backend="aot_eager") is attack
-    assert compiled_pgd_loop(model, backend="aot_eager", bf16=True) is not attack  # other options, other entry
-    del model, attack
+    pgd_loop(model, x, y, x.clone(), 8 / 255, 2 / 255, 1, compile={"backend": "aot_eager"})
+    pgd_loop(model, x, y, x.clone(), 8 / 255, 2 / 255, 1, compile={"backend": "aot_eager"})
+    assert len(_COMPILED[model]) == 1, "the compiled step must be cached per (model, options)"
+    pgd_loop(model, x, y, x.clone(), 8 / 255, 2 / 255, 1, compile={"backend": "aot_eager", "dynamic": False})
+    assert len(_COMPILED[model]) == 2  # other options, other entry
+    del model
     gc.collect()
-    assert ref() is None, "the compiled-attack cache leaked its model"
+    assert ref() is None, "the compiled-step cache leaked its model"
 
 
 def test_compiled_errors(model, data):
     x, y = data
     with pytest.raises(TypeError, match="nn.Module"):
-        CompiledPGD(lambda t: t, backend="aot_eager")
-    attack = CompiledPGD(model, backend="aot_eager")
+        pgd_loop(lambda t: t, x, y, x, 0.1, 0.01, 1, compile={"backend": "aot_eager"})
+    with pytest.raises(TypeError, match="dict of torch.compile options"):
+        pgd_loop(model, x, y, x, 0.1, 0.01, 1, compile="inductor")
     with pytest.raises(ValueError, match="per-sample eps"):
-        attack(x, y, x, torch.zeros(5), 0.1, 1)
+        pgd_loop(model, x, y, x, torch.zeros(5), 0.1, 1, compile={"backend": "aot_eager"})
 
 
 def test_inductor_compiled_matches_eager(model, data, fresh_dynamo):
     """The suite's only Inductor compile: small batch, two steps."""
     x, y = data
     x, y = x[:4], y[:4]
-    attack = CompiledPGD(model, backend="inductor")
     start = random_start(x, 8 / 255, seed=0)
-    out = attack(x, y, start, 8 / 255, 2 / 255, 2)
+    out = pgd_loop(model, x, y, start, 8 / 255, 2 / 255, 2, compile={})
     ref = pgd_loop(model, x, y, start, 8 / 255, 2 / 255, 2)
     # Inductor may reorder float ops: a pixel whose gradient is ~0 can flip its sign step.
     assert (out - ref).abs().gt(1e-5).float().mean().item() < COMPILED_PIXEL_TOLERANCE

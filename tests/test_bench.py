@@ -261,7 +261,7 @@ def test_cpu_suite_skips_off_cpu_and_defaults_to_cpu(tmp_path, capsys):
 def test_our_pgd_equals_torchattacks_pgd(random_start, one_thread):
     """afs.attacks.PGD and torchattacks.PGD on the same inputs give the same adversarial examples.
 
-    With ``random_start=False`` both are deterministic. With a random start both draw it from torch's global
+    Without a random start both are deterministic. With one both draw it from torch's global
     RNG (ours: ``seed=None``), the same uniforms after the same ``torch.manual_seed``. The budget 1.5/255
     leaves the standardly trained toy ~45% accurate, so a difference in strength would show. The batch is
     64, a power of two: torchattacks' mean cross-entropy then has exactly 1/64 of our summed one's gradient
@@ -280,7 +280,7 @@ def test_our_pgd_equals_torchattacks_pgd(random_start, one_thread):
         theirs = torchattacks.PGD(net, eps=eps, alpha=alpha, steps=10, random_start=random_start)(x, y)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(7)
-        ours = PGD(net, eps=eps, alpha=alpha, steps=10, random_start=random_start)(x, y)
+        ours = PGD(net, eps=eps, step_size=alpha, steps=10, start="uniform" if random_start else "none")(x, y)
     for x_adv in (theirs, ours):
         assert (x_adv - x).abs().max().item() <= eps + 1e-6  # inside the ball
         assert x_adv.min().item() >= 0.0 and x_adv.max().item() <= 1.0  # inside the box

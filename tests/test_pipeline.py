@@ -39,7 +39,7 @@ def test_reproduce_again_reuses_everything(smoke_summary, real_data_root, monkey
     def boom(*a, **k):
         raise AssertionError("a finished stage was trained again")
 
-    monkeypatch.setattr(afs.training.PGD, "perturb", boom)  # any training or evaluation attack would call it
+    monkeypatch.setattr(afs.training.PGD, "__call__", boom)  # any training or evaluation attack would call it
     assert main(["reproduce", "--profile", "smoke", "--out", str(out), "--no-progress",
                  "--data-root", str(real_data_root)]) == 0
     again = json.loads((out / "smoke" / "summary.json").read_text())

@@ -1,4 +1,5 @@
-"""afs.report: the paper's tables as data, plain-text comparison tables, the README results table, paths.
+"""afs.tables (the paper's tables as data, comparison and claims tables), afs.report (paths, header,
+figures, intervals: what the notebooks call) and scripts/update_readme.py (the README's tables).
 
 The summaries here are synthetic but follow the schema `Pipeline.reproduce` writes (checked against
 `afs.pipeline.validate_summary` where that exists), so the table builders are exercised on real keys.
@@ -7,15 +8,21 @@ The summaries here are synthetic but follow the schema `Pipeline.reproduce` writ
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
 
-from afs import report
+from afs import report, tables
 
-PAPER_JSON = Path(__file__).resolve().parents[2] / "shared" / "paper" / "tables.json"
+ROOT = Path(__file__).resolve().parents[1]
+PAPER_JSON = ROOT.parent / "shared" / "paper" / "tables.json"
+_spec = importlib.util.spec_from_file_location("update_readme", ROOT / "scripts" / "update_readme.py")
+update_readme = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(update_readme)
 
 
 # --- a synthetic summary in the schema of Pipeline.reproduce (tests/synthetic.py) ------------------------
@@ -36,7 +43,7 @@ def test_paper_tables_match_the_shared_transcription():
     if not PAPER_JSON.is_file():
         pytest.skip(f"{PAPER_JSON} not present")
     ref = json.loads(PAPER_JSON.read_text())
-    ours = report.paper_tables()
+    ours = tables.paper_tables()
     for key, table in ref.items():
         if key.startswith("_"):
             continue
@@ -45,34 +52,34 @@ def test_paper_tables_match_the_shared_transcription():
 
 
 def test_paper_tables_internal_consistency():
-    t = report.paper_tables()
+    t = tables.paper_tables()
     # Table IV/V trade-off is mean(clean, AA), rounded to 2 decimals in the paper.
     for key in ("table_IV_cifar10", "table_V_cifar100"):
-        for row in report.paper_table(key):
+        for row in tables.paper_table(key):
             assert abs((row["clean"] + row["aa"]) / 2 - row["tradeoff"]) <= 0.006, row
     # Table IV's PGD column is PGD-20: PGD-AT equals Table I #8, AFS equals Table VI AFS.
-    t1 = {r["budget_255"]: r for r in report.paper_table("table_I_extractors")}
-    t4 = {r["method"]: r for r in report.paper_table("table_IV_cifar10")}
+    t1 = {r["budget_255"]: r for r in tables.paper_table("table_I_extractors")}
+    t4 = {r["method"]: r for r in tables.paper_table("table_IV_cifar10")}
     assert t4["PGD-AT"]["pgd"] == t1[8]["pgd20"] and t4["PGD-AT"]["clean"] == t1[8]["clean"]
-    assert t4["AFS"]["pgd"] == report.paper_table("table_VI_ablation")[3]["pgd20"]
+    assert t4["AFS"]["pgd"] == tables.paper_table("table_VI_ablation")[3]["pgd20"]
     # The printed 8-digit mask is kept; its 9-digit spelling selects #0 and #8.
     t3 = t["table_III_stacks"]
     assert t3["rows"][0][0] == "10000001" and t3["masks_9digit"][0] == "100000001"
     assert "8 digits" in t["_source"]
-    assert [report.mask_role(m) for m in t3["masks_9digit"]] == t3["roles"]
+    assert [tables.mask_role(m) for m in t3["masks_9digit"]] == t3["roles"]
 
 
 def test_paper_tables_returns_independent_copies():
-    a = report.paper_tables()
+    a = tables.paper_tables()
     a["table_I_extractors"]["rows"][0][1] = -1.0
-    assert report.paper_tables()["table_I_extractors"]["rows"][0][1] == 94.62
+    assert tables.paper_tables()["table_I_extractors"]["rows"][0][1] == 94.62
     with pytest.raises(ValueError, match="no paper table"):
-        report.paper_table("table_VII")
+        tables.paper_table("table_VII")
 
 
 # --- plain-text tables ---------------------------------------------------------------------------------
 def test_format_table_aligns_columns_and_formats_cells():
-    text = report.format_table(["name", "acc"], [["a", 1.0], ["longer", 12.345], ["none", None], ["nan", math.nan]])
+    text = tables.format_table(["name", "acc"], [["a", 1.0], ["longer", 12.345], ["none", None], ["nan", math.nan]])
     lines = text.splitlines()
     assert lines[0].startswith("name") and set(lines[1]) <= {"-", " "}
     assert lines[2].endswith("1.00") and lines[3].endswith("12.35")
@@ -80,44 +87,44 @@ def test_format_table_aligns_columns_and_formats_cells():
     # Right-aligned numbers end in the same column.
     assert len({len(ln) for ln in lines[2:4]}) == 1
     with pytest.raises(ValueError, match="row 0 has 1 cells"):
-        report.format_table(["a", "b"], [["x"]])
+        tables.format_table(["a", "b"], [["x"]])
 
 
 def test_compare_table_deltas_and_missing_rows():
-    text = report.compare_table("T", ["clean"], {"x": [90.0], "y": [80.0]}, {"x": [85.5], "z": [70.0]}, key="k")
+    text = tables.compare_table("T", ["clean"], {"x": [90.0], "y": [80.0]}, {"x": [85.5], "z": [70.0]}, key="k")
     lines = {ln.split()[0]: ln for ln in text.splitlines()[3:]}
     assert lines["x"].split()[1:] == ["90.00", "85.50", "-4.50"]
     assert lines["y"].split()[1:] == ["80.00", "—", "—"]  # not in this run
     assert lines["z"].split()[1:] == ["—", "70.00", "—"]  # not in the paper
     assert text.splitlines()[0] == "T"
     with pytest.raises(ValueError, match="expected 2 values"):
-        report.compare_table("T", ["a", "b"], {"x": [1.0]}, {})
+        tables.compare_table("T", ["a", "b"], {"x": [1.0]}, {})
 
 
 @pytest.mark.parametrize("mask,role", [("1001", "ends"), ("100000001", "ends"), ("1111", "all"), ("101", "ends"), ("1010101", "alternate"),
                                        ("100010001", "ends+middle"), ("101010101", "alternate"), ("0110", "0110")])
 def test_mask_role(mask, role):
-    assert report.mask_role(mask) == role
+    assert tables.mask_role(mask) == role
 
 
 def test_table_builders_on_a_summary():
     s = fake_summary("cpu")
-    t1 = report.extractor_table(s)
+    t1 = tables.extractor_table(s)
     c8 = s["extractors"]["8"]["clean"]
     assert "#8 (8/255)" in t1 and "85.15" in t1 and f"{c8:.2f}" in t1 and f"{c8 - 85.15:+.2f}" in t1
-    t2 = report.alpha_table(s)
+    t2 = tables.alpha_table(s)
     assert "alpha=0.5" in t2 and "alpha=0.2" in t2  # run-only row and paper-only row both shown
-    t3 = report.mask_table(s)
+    t3 = tables.mask_table(s)
     assert "ends (100000001)" in t3 and "mask 10001" in t3 and "ends+middle (100010001)" in t3 and "mask 10101" in t3
-    t4 = report.comparison_table(s)
+    t4 = tables.comparison_table(s)
     assert "PGD-AT" in t4 and "AFS" in t4 and "64" in t4
-    t6 = report.ablation_table(s)
+    t6 = tables.ablation_table(s)
     assert "GMAC" in t6 and "6.000" in t6  # paper AFS/baseline params ratio 218.82/36.47
-    assert report.default_stack_record(s)["mode"] == "paired"
-    assert len(report.stacks_tagged(s, "alpha-sweep")) == len(s["config"]["experiments"]["alphas"])
+    assert tables.default_stack_record(s)["mode"] == "paired"
+    assert len(tables.stacks_tagged(s, "alpha-sweep")) == len(s["config"]["experiments"]["alphas"])
 
 
-# --- README results table ------------------------------------------------------------------------------
+# --- scripts/update_readme.py ------------------------------------------------------------------------------
 def _write(results: Path, s: dict) -> None:
     (results / s["profile"]).mkdir(parents=True, exist_ok=True)
     (results / s["profile"] / "summary.json").write_text(json.dumps(s))
@@ -126,7 +133,7 @@ def _write(results: Path, s: dict) -> None:
 def test_readme_table_orders_profiles_and_handles_missing_aa(tmp_path):
     _write(tmp_path, fake_summary("cpu", aa=True))
     _write(tmp_path, fake_summary("smoke", aa=False))
-    table = report.readme_results_table(tmp_path)
+    table = update_readme.results_table(tmp_path)
     rows = [ln for ln in table.splitlines() if ln.startswith("| `") or ln.startswith("| paper")]
     assert [r.split("|")[1].strip() for r in rows] == ["`smoke`", "`cpu`", "paper (Table IV)"]
     smoke_cells = [c.strip() for c in rows[0].split("|")[1:-1]]
@@ -143,7 +150,7 @@ def test_readme_table_orders_profiles_and_handles_missing_aa(tmp_path):
 
 
 def test_readme_table_without_results(tmp_path):
-    table = report.readme_results_table(tmp_path / "nothing")
+    table = update_readme.results_table(tmp_path / "nothing")
     assert "paper (Table IV)" in table and "No results yet" in table
 
 
@@ -151,14 +158,14 @@ def test_update_readme_replaces_between_markers_only(tmp_path):
     results = tmp_path / "results"
     _write(results, fake_summary("cpu"))
     readme = tmp_path / "README.md"
-    readme.write_text(f"# afs\nintro\n{report.README_BEGIN}\nold table\n{report.README_END}\nmid\n"
-                      f"{report.CLAIMS_BEGIN}\nold claims\n{report.CLAIMS_END}\ntail\n")
-    assert report.update_readme(readme, results) is True
+    readme.write_text(f"# afs\nintro\n{update_readme.README_BEGIN}\nold table\n{update_readme.README_END}\nmid\n"
+                      f"{update_readme.CLAIMS_BEGIN}\nold claims\n{update_readme.CLAIMS_END}\ntail\n")
+    assert update_readme.update_readme(readme, results) is True
     text = readme.read_text()
-    assert text.startswith("# afs\nintro\n") and text.endswith(f"{report.CLAIMS_END}\ntail\n")
+    assert text.startswith("# afs\nintro\n") and text.endswith(f"{update_readme.CLAIMS_END}\ntail\n")
     assert "old table" not in text and "old claims" not in text and "`cpu`" in text
     assert "Table IV (III-D)" in text and "holds" in text  # the claims table, one row per claim
-    assert report.update_readme(readme, results) is False  # idempotent
+    assert update_readme.update_readme(readme, results) is False  # idempotent
     assert readme.read_text() == text
 
 
@@ -166,12 +173,12 @@ def test_update_readme_needs_markers(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# afs\nno markers\n")
     with pytest.raises(ValueError, match="results:begin"):
-        report.update_readme(readme, tmp_path)
-    readme.write_text(f"{report.README_END}\n{report.README_BEGIN}\n")
+        update_readme.update_readme(readme, tmp_path)
+    readme.write_text(f"{update_readme.README_END}\n{update_readme.README_BEGIN}\n")
     with pytest.raises(ValueError):
-        report.update_readme(readme, tmp_path)
+        update_readme.update_readme(readme, tmp_path)
     with pytest.raises(FileNotFoundError):
-        report.update_readme(tmp_path / "missing.md", tmp_path)
+        update_readme.update_readme(tmp_path / "missing.md", tmp_path)
 
 
 # --- paths, header, figures ----------------------------------------------------------------------------
@@ -187,13 +194,6 @@ def test_runs_root_and_figures_dir(monkeypatch, tmp_path):
     assert report.figures_dir() == (tmp_path / "r" / "figures").resolve()
     monkeypatch.setenv(report.FIGURES_ENV, str(tmp_path / "figs"))
     assert report.figures_dir() == (tmp_path / "figs").resolve() and (tmp_path / "figs").is_dir()
-
-
-def test_load_summary_names_the_path(tmp_path):
-    with pytest.raises(FileNotFoundError, match=str(tmp_path / "cpu" / "summary.json")):
-        report.load_summary("cpu", tmp_path)
-    _write(tmp_path, fake_summary("cpu"))
-    assert report.load_summary("cpu", tmp_path)["profile"] == "cpu"
 
 
 def test_header_names_profile_data_and_hardware(capsys):
@@ -242,20 +242,20 @@ def test_invariants_are_asserted_claims_only_printed(capsys):
     bad = synthetic_summary("cpu", invert=True)
     assert {c["verdict"] for c in bad["claims"]} <= {"fails", "inconclusive", "not run"}
     assert any(c["verdict"] == "fails" for c in bad["claims"])
-    report.print_claims(bad)
-    report.print_claims(bad, "Table IV")
-    report.print_claims(bad, which="audit")
+    tables.print_claims(bad)
+    tables.print_claims(bad, "Table IV")
+    tables.print_claims(bad, which="audit")
     out = capsys.readouterr().out
     assert "FAILS" in out and "Table IV (III-D)" in out and "audit (a)" in out
 
 
 def test_claims_table_names_interval_threshold_and_verdict():
     s = fake_summary("cpu")
-    text = report.claims_table(s, "Table IV")
+    text = tables.claims_table(s, "Table IV")
     rec = next(c for c in s["claims"] if c["id"] == "IV-clean")
     assert f"[{rec['ci95'][0]:+.2f}, {rec['ci95'][1]:+.2f}]" in text and f"{rec['paper']:+.2f}" in text
     assert "> 0" in text and rec["verdict"] in text and "Table I " not in text
-    assert "no claims" in report.claims_table(s, "Table IX")
+    assert "no claims" in tables.claims_table(s, "Table IX")
 
 
 def test_bench_results_and_table(tmp_path):
@@ -267,7 +267,7 @@ def test_bench_results_and_table(tmp_path):
     (tmp_path / "stack.json").write_text(json.dumps([cpu]))
     rows = report.bench_results(tmp_path)
     assert [r["case"] for r in rows] == ["compiled", "eager"]
-    table = report.bench_table(rows)
+    table = tables.bench_table(rows)
     assert "NVIDIA H100" in table and "x3.5 vs eager" in table and "CPU (2 cores)" in table and "12.50" in table
     (tmp_path / "bad.json").write_text("{}")
     with pytest.raises(ValueError, match="JSON list"):
@@ -304,17 +304,24 @@ def test_rel_path_inside_and_outside_the_checkout(tmp_path):
     assert report.rel_path(tmp_path / "x.json") == str(tmp_path / "x.json")
 
 
-def test_command_line_prints_or_updates(tmp_path, capsys):
+def test_command_line_updates_and_names_a_missing_readme(tmp_path, capsys):
     results = tmp_path / "results"
     _write(results, fake_summary("cpu"))
-    assert report.main(["--results", str(results)]) == 0
-    assert "`cpu`" in capsys.readouterr().out
     readme = tmp_path / "README.md"
-    readme.write_text(f"x\n{report.README_BEGIN}\n{report.README_END}\n{report.CLAIMS_BEGIN}\n{report.CLAIMS_END}\n")
-    assert report.main(["--readme", str(readme), "--results", str(results)]) == 0
+    M = update_readme
+    readme.write_text(f"x\n{M.README_BEGIN}\n{M.README_END}\n{M.CLAIMS_BEGIN}\n{M.CLAIMS_END}\n")
+    assert M.main(["--readme", str(readme), "--results", str(results)]) == 0
     assert "updated" in capsys.readouterr().out and "`cpu`" in readme.read_text()
-    assert report.main(["--readme", str(tmp_path / "nope.md"), "--results", str(results)]) == 2
+    assert M.main(["--readme", str(readme), "--results", str(results)]) == 0
+    assert "already up to date" in capsys.readouterr().out
+    assert M.main(["--readme", str(tmp_path / "nope.md"), "--results", str(results)]) == 2
     assert "no README" in capsys.readouterr().err
+
+
+def test_every_name_the_notebooks_call_is_in_report():
+    called = {m for nb in (ROOT / "notebooks").glob("*.ipynb") for m in re.findall(r"report\.([A-Za-z_]\w*)", nb.read_text())}
+    assert called, "no notebook calls report.X"
+    assert sorted(n for n in called if not hasattr(report, n)) == []
 
 
 def test_notebook_runner_resolves_relative_paths_where_the_command_was_typed(monkeypatch, tmp_path):

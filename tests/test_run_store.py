@@ -247,7 +247,7 @@ def test_a_mismatch_is_one_line_from_the_cli(trained, tmp_path, capsys, monkeypa
         main(["reproduce", "--profile", "smoke", "--out", str(tmp_path), "--debug"])
 
 
-def test_api_errors_for_float64_a_string_random_start_and_a_swapped_model():
+def test_api_errors_for_float64_an_unknown_start_and_a_swapped_model():
     from test_training import TINY
     from afs.models import build_model
 
@@ -255,8 +255,8 @@ def test_api_errors_for_float64_a_string_random_start_and_a_swapped_model():
     x, y = torch.rand(2, 3, 32, 32), torch.tensor([0, 1])
     with pytest.raises(TypeError, match="float64"):
         PGD(net)(x.double(), y)
-    with pytest.raises(TypeError, match="random_start must be True or False"):
-        PGD(net, random_start="no")
+    with pytest.raises(ValueError, match="unknown start 'no'"):
+        PGD(net, start="no")
     attack = PGD(net, steps=1)
     attack(x, y)
     attack.model = build_model(TINY, 2).eval()  # two classes now: label 1 is the largest valid one

@@ -127,9 +127,9 @@ def _record_attack_sizes(monkeypatch):
     sizes = []
     original = afs.attacks.PGD.__call__
 
-    def spy(self, x, y):
+    def spy(self, x, y, **kw):
         sizes.append(len(x))
-        return original(self, x, y)
+        return original(self, x, y, **kw)
 
     monkeypatch.setattr(afs.attacks.PGD, "__call__", spy)
     return sizes
