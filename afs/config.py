@@ -147,7 +147,7 @@ class EvalConfig:
     batch_size: int = 500
     curve_budgets: tuple[int, ...] = (0, 2, 4, 6, 8, 10, 12, 14, 16)  # Fig. 4a x-axis, in 1/255
     curve_size: int | None = None  # test images per point of the Fig. 4a curves; None = the PGD test set
-    # The robustness audit (`Pipeline.run_audit`, notebook 08): on its own class-balanced test subset, the
+    # The robustness audit (`afs.audit.run_audit`, notebook 08): on its own class-balanced test subset, the
     # default stack and its most robust member under PGD-20 at these larger budgets (in 1/255, step eps/4),
     # PGD with more steps and restarts, a margin-loss PGD-20, and transfer attacks from the members.
     audit_size: int | None = 1000  # None = the PGD test set

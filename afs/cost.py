@@ -9,7 +9,7 @@ passes x FLOPs per pass, read off the profile exactly as `afs.pipeline.Pipeline`
 * training: `Pipeline.grid` (every budget, Table VI's random-budget and wide extractors, every merger);
   a PGD-K AT epoch is ``n_train x (K + 1)`` forward+backward passes plus a validation of clean + PGD-K;
   a merger epoch over m members is m x that through the members (the merger itself is a few kFLOP);
-* evaluation, as `Pipeline.reproduce` / `run_curves` / `run_audit` call it (one item per cached attack):
+* evaluation, as `Pipeline.reproduce` / `run_curves` / `afs.audit.run_audit` call it (one item per cached attack):
   PGD-K is ``3K + 1`` passes per image (the attack, the scoring forward), ``pgdKxR`` with R restarts
   ``R x (3K + 1) + 1`` (each restart is ranked by a forward), AutoAttack is `AUTOATTACK_PASSES` (below).
 
@@ -28,6 +28,7 @@ import torch
 
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.evaluation import parse_attack
+from afs.audit import audit_attacks
 from afs.merger import split_count
 from afs.models import build_model, model_cost
 
@@ -213,7 +214,7 @@ def stages(profile: Profile) -> list[Stage]:
                                                           for a, b in zip(curve, ev.curve_budgets))))
 
     # The robustness audit: stack and member under its attacks and the eps sweep, then transfer onto the stack.
-    audit = [(a, a) for a in ("clean", *pipe.audit_attacks().values())]
+    audit = [(a, a) for a in ("clean", *audit_attacks(pipe.profile).values())]
     audit += [(f"pgd20 @ {b}/255", "pgd20") for b in ev.audit_budgets]  # the eps sweep (Pipeline._audit_eps)
     audit += [("pgd20_fp32", "pgd20")]  # crafted in fp32 (slower than this where bf16 is native)
     for key, f in ((the_stack, stack_f), (member[b8], fwd())):

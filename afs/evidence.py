@@ -268,7 +268,7 @@ class Rows:
             r = s["ablation"][which]
             return [self.operand(r["setting"], None, subset, r["key"], metric)]
         if role.startswith("audit:"):
-            # The robustness audit (`Pipeline.run_audit`): rows keyed "stack", "member", "transfer:<source>".
+            # The robustness audit (`afs.audit.run_audit`): rows keyed "stack", "member", "transfer:<source>".
             who = role[len("audit:"):]
             rows = self.subset("audit")["rows"]
             if who == "transfer":

@@ -16,7 +16,6 @@ Table/figure map: Table I `extractors`, Table II `alpha_sweep`, Table III `masks
 
 from __future__ import annotations
 
-import json
 import time
 import warnings
 import weakref
@@ -27,7 +26,7 @@ from typing import Any, Callable, Iterable, Sequence, TypeVar
 import torch
 from torch import nn
 
-from afs import progress
+from afs import audit, progress
 from afs.autoattack import AutoAttackWarning
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
@@ -38,12 +37,12 @@ from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, r
 from afs.merger import MergerMode, train_merger
 from afs.models import model_cost
 from afs.stacking import LogitEnsemble, StackedModel
+from afs.summary import SUMMARY_VERSION, collect_samples, merger_training, validate_summary
 from afs.runs import RunDir, configure_numerics
 from afs.training import TrainData, budget_name, train_extractor
 
-__all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "SUMMARY_VERSION"]
+__all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "run_name"]
 
-SUMMARY_VERSION = 2
 _T = TypeVar("_T")
 
 
@@ -392,14 +391,14 @@ class Pipeline:
         }
         summary["ablation"] = self.run_ablation(default, b8, e8, st)
         summary["curves"] = self.run_curves(default)
-        summary["audit"] = self.run_audit(default)
-        summary["samples"] = self.collect_samples(summary)
+        summary["audit"] = audit.run_audit(self, default)
+        summary["samples"] = collect_samples(self, summary)
         # Evidence: a 95% interval on every accuracy, the paper's claims and the audit's checks as verdicts.
         from afs import evidence
 
         evidence.attach_intervals(summary)
         summary["claims"] = evidence.evaluate_claims(summary)
-        summary["audit"]["checks"] = evidence.evaluate_claims(summary, which="audit") + [self._aa_flag_check(summary)]
+        summary["audit"]["checks"] = evidence.evaluate_claims(summary, which="audit") + [audit.aa_flag_check(summary)]
         total = round(time.time() - t_start, 1)
         # total_s: the profile's whole cost, known when this call computed every stage (a fresh run);
         # a call that reused finished stages knows only its own part.
@@ -452,163 +451,6 @@ class Pipeline:
                 "subset": "curve", "keys": {k: self.key(d) for k, (_, d) in models.items()},
                 "accuracy": {k: self.curve(m, d) for k, (m, d) in models.items()}}
 
-    # --- the robustness audit ---------------------------------------------------------------------
-    def audit_attacks(self) -> dict[str, str]:
-        """The audit's attacks by role: PGD-20 (the reported one), a stronger PGD (more steps, restarts),
-        PGD-20 on the CW margin loss."""
-        ev = self.profile.evaluation
-        strong = f"pgd{ev.audit_steps}" + (f"x{ev.audit_restarts}" if ev.audit_restarts > 1 else "")
-        return {"pgd20": "pgd20", "strong": strong, "cw20": "cw20"}
-
-    def run_audit(self, default: Sequence[int]) -> dict[str, Any]:
-        """Is the stack's robustness real or gradient masking? On the audit subset, for the default stack
-        and its most robust member (Carlini et al.'s checklist, the parts a stacked model needs):
-
-        (a) PGD-20 crafted on each member and on the logit ensemble, scored on the stack (transfer);
-        (b) PGD-20 at growing eps up to 64/255 (step eps/4): accuracy must fall to about 0;
-        (c) PGD with more steps and restarts against PGD-20;
-        (d) PGD-20 on the CW margin loss against PGD-20 on cross-entropy;
-        (e) AutoAttack's own flags, from the Table IV runs;
-        (f) PGD-20 crafted in fp32 against the reported PGD-20 (crafted under the profile's precision).
-        Results are cached per model in ``<stage>/eval_audit.{json,pt}`` (transfer in ``audit/``)."""
-        ev, p = self.profile.evaluation, self.profile
-        b8 = self.robust_budget()
-        stack_d = self.stack_dir(default, p.merger.alpha, p.merger.mode)
-        models = {"stack": (self.stack(default), stack_d), "member": (self.extractor(b8), self.extractor_dir(eps_from_budget(b8)))}
-        roles = self.audit_attacks()
-        out: dict[str, Any] = {"subset": "audit", "images": len(self.data.audit_index), "attacks": roles,
-                               "eps_sweep_255": [8, *ev.audit_budgets], "models": {}, "transfer": {}}
-        for who, (model, d) in models.items():
-            acc = self.evaluate(model, d, ("clean", *roles.values()), subset="audit")
-            rec = {"key": self.key(d), **{role: acc[name] for role, name in roles.items()}, "clean": acc["clean"]}
-            for b in ev.audit_budgets:
-                rec[f"eps{b}"] = self._audit_eps(model, d, b)
-            # (f) the reported PGD-20 is crafted under the profile's precision (bf16 where the hardware has it)
-            # and scored in fp32; the same attack crafted in fp32 must not be stronger.
-            rec["pgd20_fp32"] = self._audit_pgd20(model, d, "pgd20_fp32", ev.eps, ev.step_size, "fp32")
-            out["models"][who] = rec
-        # (a) transfer onto the stack, from each member and from the mean-of-logits ensemble.
-        stack = models["stack"][0]
-        sources = {f"#{b}": self.extractor(b) for b in default}
-        sources["ensemble"] = self.ensemble(default)
-        for name, src in sources.items():
-            out["transfer"][name] = self._audit_transfer(stack, src, name)
-        out["autoattack_flags"] = {who: self.aa_flags(d) for who, (_, d) in models.items()}
-        return out
-
-    def _audit_eps(self, model: nn.Module, where: Path, budget: int) -> float:
-        """PGD-20 at ``budget``/255 (step eps/4) on the audit subset, cached as attack ``eps<budget>``."""
-        eps = eps_from_budget(budget)
-        return self._audit_pgd20(model, where, f"eps{budget}", eps, eps / 4, self.craft_precision)
-
-    def _audit_pgd20(self, model: nn.Module, where: Path, name: str, eps: float, step_size: float,
-                     precision: str) -> float:
-        """PGD-20 on the audit subset, crafted under ``precision``, cached as attack ``name`` in
-        ``eval_audit_eps.{json,pt}``."""
-        with RunDir(where).lock():
-            return self._audit_pgd20_locked(model, where, name, eps, step_size, precision)
-
-    def _audit_pgd20_locked(self, model: nn.Module, where: Path, name: str, eps: float, step_size: float,
-                            precision: str) -> float:
-        path, spath = where / "eval_audit_eps.json", where / "eval_audit_eps.pt"
-        setting = self._setting(model, "audit", steps=20)  # each entry's eps, step and precision are in its name
-        done = read_json(path) if path.is_file() else {}
-        if done.get("setting") != setting or not spath.is_file():
-            done = {"setting": setting, "accuracy": {}}
-        if name in done["accuracy"]:
-            self.reused.add(f"{self.key(where)} [audit {name}]")
-        else:
-            x, y = self._subset("audit")
-            t0 = progress.begin("eval", f"{self.key(where)} [audit]", [name])
-            res = evaluate(model, x, y, ("pgd20",), eps=eps, step_size=step_size,
-                           batch_size=self.profile.evaluation.batch_size, seed=self.profile.seed, device=self.device,
-                           progress=False, craft_precision=precision)
-            self._time(f"audit {where.name} {name}", t0)
-            flags = load_torch(spath) if done["accuracy"] else {}
-            flags[name] = res.correct["pgd20"]
-            atomic_torch_save(flags, spath)
-            done["accuracy"][name] = res.accuracy["pgd20"]
-            atomic_write_json(path, done)
-        return done["accuracy"][name]
-
-    def _audit_transfer(self, target: nn.Module, source: nn.Module, name: str) -> float:
-        """Accuracy of ``target`` on PGD-20 examples crafted on ``source`` (same seeds as the white-box run)."""
-        d = self.root / "audit" / "transfer"
-        with RunDir(d).lock():
-            return self._audit_transfer_locked(target, source, name, d)
-
-    def _audit_transfer_locked(self, target: nn.Module, source: nn.Module, name: str, d: Path) -> float:
-        ev = self.profile.evaluation
-        path, spath = d / f"eval_{name.strip('#')}.json", d / f"eval_{name.strip('#')}.pt"
-        setting = self._setting(target, "audit", eps=ev.eps, step_size=ev.step_size,
-                                source=self._setting(source, "audit")["model"])
-        if path.is_file() and spath.is_file() and read_json(path).get("setting") == setting:
-            self.reused.add(f"audit/transfer/{name.strip('#')} [audit]")
-            return read_json(path)["accuracy"]
-        x, y = self._subset("audit")
-        t0 = progress.begin("eval", f"audit/transfer/{name.strip('#')} [audit]")
-        res = evaluate(target, x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size,
-                       batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False,
-                       craft_on=source, craft_precision=self.craft_precision)
-        self._time(f"audit transfer {name}", t0)
-        atomic_torch_save({"pgd20": res.correct["pgd20"]}, spath)
-        atomic_write_json(path, {"setting": setting, "accuracy": res.accuracy["pgd20"]})
-        return res.accuracy["pgd20"]
-
-    @staticmethod
-    def _aa_flag_check(summary: dict[str, Any]) -> dict[str, Any]:
-        """(e) as a verdict: AutoAttack's own checks raised nothing on the stack or the member."""
-        flags = summary["audit"]["autoattack_flags"]
-        n = sum(len(v) for v in flags.values())
-        return {"id": "audit-autoattack-flags", "source": "audit (e)", "subset": "aa", "op": "<", "threshold": 1,
-                "unit": "flags", "claim": "AutoAttack's own checks (pyautoattack checks.py) raised no flag on the stack "
-                                          "or the member", "compares": "number of AutoAttack warnings",
-                "paper": None, "estimate": float(n), "ci95": [float(n), float(n)], "n": summary["comparison"]["aa_images"],
-                "verdict": "holds" if n == 0 else "fails", "flags": flags}
-
-    # --- per-sample results, into the summary ------------------------------------------------------
-    def collect_samples(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Every row's per-sample correctness, bit-packed, by subset and stage key (`afs.evidence`): what
-        the intervals and verdicts are computed from, and what lets anyone recompute them."""
-        from afs.evidence import pack_bits
-
-        keys = {r["key"] for r in summary["extractors"].values()} | {r["key"] for r in summary["stacks"]}
-        keys |= {summary["ensemble"]["key"]} | {r["key"] for r in summary["ablation"]}
-        out: dict[str, Any] = {}
-
-        def put(subset: str, key: str, flags: dict[str, torch.Tensor], rename: dict[str, str] | None = None) -> None:
-            sub = out.setdefault(subset, {"n": len(self.data.subsets()[subset]), "rows": {}})
-            row = sub["rows"].setdefault(key, {})
-            for metric, f in flags.items():
-                if f.numel() != sub["n"]:
-                    raise RuntimeError(f"{key}: {metric} has {f.numel()} samples on subset {subset!r}, "
-                                       f"expected {sub['n']} (a stale cached evaluation?)")
-                row[(rename or {}).get(metric, metric)] = pack_bits(f)
-
-        for key in sorted(keys):
-            put("test", key, self.samples(self.root / key, "test"))
-        for r in summary["comparison"]["rows"]:
-            put("aa", r["key"], self.samples(self.root / r["key"], "aa"))
-        for key in summary["curves"]["keys"].values():
-            put("curve", key, self.samples(self.root / key, "curve"))
-        audit = summary["audit"]
-        inverse = {name: role for role, name in audit["attacks"].items()}
-        for who, rec in audit["models"].items():
-            d = self.root / rec["key"]
-            put("audit", who, {k: v for k, v in self.samples(d, "audit").items() if k in inverse or k == "clean"}, inverse)
-            put("audit", who, self.samples(d, "audit_eps"))
-        for name in audit["transfer"]:
-            put("audit", f"transfer:{name}", self.samples(self.root / "audit" / "transfer", name.strip("#")))
-        return out
-
-def merger_training(d: Path) -> dict[str, Any]:
-    """A merger's training curve from its run folder: the epoch kept, and per epoch the learning rate, the
-    mean training loss (and its trace over tenths of the epoch) and the validation accuracies."""
-    lines = (d / "log.jsonl").read_text().splitlines() if (d / "log.jsonl").is_file() else []
-    keep = ("epoch", "lr", "train_loss", "train_loss_trace", "val_clean", "val_pgd")
-    epochs = [{k: e[k] for k in keep if k in e} for e in map(json.loads, filter(None, lines))]
-    return {"best_epoch": read_json(d / "metrics.json")["best_epoch"], "epochs": epochs}
-
 
 def run_name(profile: Profile) -> str:
     """The folder of a profile's runs under ``out``: its name, plus ``-seed<N>`` when the seed is not the
@@ -624,65 +466,3 @@ def run_name(profile: Profile) -> str:
     if changes:
         name += "-set" + hashlib.sha256("\n".join(changes).encode()).hexdigest()[:8]
     return name
-
-
-# --- summary.json schema ------------------------------------------------------------------------------
-
-_ACC = ("clean", "pgd10", "pgd20")
-
-
-def validate_summary(summary: dict[str, Any]) -> None:
-    """Raise ValueError naming the first missing or malformed field of a ``summary.json`` (schema in README)."""
-
-    def need(cond: bool, what: str) -> None:
-        if not cond:
-            raise ValueError(f"summary.json: {what}")
-
-    def pct(v: Any) -> bool:
-        return isinstance(v, (int, float)) and 0.0 <= v <= 100.0
-
-    need(summary.get("version") == SUMMARY_VERSION, f"version must be {SUMMARY_VERSION}")
-    for key in ("profile", "config", "dataset", "provenance", "extractors", "stacks", "comparison", "ablation", "curves"):
-        need(key in summary, f"missing '{key}'")
-    need(isinstance(summary["provenance"].get("git_sha"), (str, type(None))), "provenance.git_sha")
-    budgets = summary["config"]["extractor"]["budgets"]
-    for b in budgets:
-        rec = summary["extractors"].get(str(b))
-        need(rec is not None, f"extractors.{b} missing")
-        need(all(pct(rec.get(k)) for k in _ACC), f"extractors.{b} needs clean/pgd10/pgd20 in percent")
-    need(len(summary["stacks"]) > 0, "no stacks")
-    for i, s in enumerate(summary["stacks"]):
-        need(all(k in s for k in ("members", "alpha", "mode", "tags", "importance_ratio")), f"stacks[{i}] fields")
-        need(all(pct(s.get(k)) for k in _ACC), f"stacks[{i}] needs clean/pgd10/pgd20 in percent")
-        need(abs(sum(s["importance_ratio"]) - 1) < 1e-4, f"stacks[{i}].importance_ratio must sum to 1")
-        if "aa" in s:
-            need(pct(s["aa"]), f"stacks[{i}].aa must be a percentage")
-    defaults = [s for s in summary["stacks"] if any(t.startswith("default-") for t in s["tags"])]
-    modes = summary["config"]["experiments"].get("merger_modes", ["paired", "split"])
-    need(sorted(t for s in defaults for t in s["tags"] if t.startswith("default-")) == sorted(f"default-{m}" for m in modes)
-         and all("aa" in s for s in defaults),
-         f"the default stack needs one record per merger mode {list(modes)}, each with AutoAttack")
-    for row in summary["comparison"]["rows"]:
-        need(all(pct(row.get(k)) for k in ("clean", "pgd", "aa", "tradeoff")), f"comparison row {row.get('method')}")
-    need(len(summary["ablation"]) == 4, "ablation needs 4 rows (Table VI)")
-    # Evidence (schema 2): intervals beside every accuracy, verdicts, the audit, the per-sample rows.
-    for key in ("samples", "claims", "audit"):
-        need(key in summary, f"missing '{key}'")
-
-    def interval_ok(rec: dict[str, Any], where: str) -> None:
-        ci = rec.get("ci95")
-        need(isinstance(ci, dict), f"{where}.ci95 missing")
-        for m, (lo, hi) in ci.items():
-            # A percentile interval of a mean's bootstrap holds the mean itself (float32 slack).
-            need(lo - 1e-4 <= rec[m] <= hi + 1e-4, f"{where}.ci95.{m} = [{lo}, {hi}] does not hold {rec[m]}")
-
-    for b, rec in summary["extractors"].items():
-        interval_ok(rec, f"extractors.{b}")
-    for i, rec in enumerate(summary["stacks"]):
-        interval_ok(rec, f"stacks[{i}]")
-    for row in summary["comparison"]["rows"]:
-        interval_ok(row, f"comparison {row.get('method')}")
-    for c in [*summary["claims"], *summary["audit"].get("checks", [])]:
-        need(c.get("verdict") in ("holds", "fails", "inconclusive", "not run"), f"claim {c.get('id')}: verdict {c.get('verdict')!r}")
-        if c["verdict"] != "not run":
-            need(len(c.get("ci95") or []) == 2, f"claim {c.get('id')}: ci95 missing")

@@ -93,7 +93,7 @@ def pipeline(profile: "str | Profile | None" = None) -> "Pipeline":
 def summary(pipe: "Pipeline") -> dict[str, Any]:
     """``<pipe.root>/summary.json`` when it was made with this very profile (same summary version and config),
     else ``pipe.reproduce()``. Reading the file keeps its record of how long each stage really took."""
-    from afs.pipeline import SUMMARY_VERSION
+    from afs.summary import SUMMARY_VERSION
 
     path = pipe.root / "summary.json"
     if path.is_file():

@@ -14,7 +14,9 @@ import numpy as np
 
 from afs import evidence
 from afs.config import get_profile
-from afs.pipeline import SUMMARY_VERSION, stack_name
+from afs.audit import aa_flag_check
+from afs.pipeline import stack_name
+from afs.summary import SUMMARY_VERSION
 
 
 def flags_for(n: int, p: float, seed: int = 0) -> np.ndarray:
@@ -148,5 +150,5 @@ def synthetic_summary(profile: str = "cpu", *, aa: bool = True, invert: bool = F
     s["claims"] = evidence.evaluate_claims(s, n_boot=500)
     from afs.pipeline import Pipeline
 
-    s["audit"]["checks"] = evidence.evaluate_claims(s, which="audit", n_boot=500) + [Pipeline._aa_flag_check(s)]
+    s["audit"]["checks"] = evidence.evaluate_claims(s, which="audit", n_boot=500) + [aa_flag_check(s)]
     return s

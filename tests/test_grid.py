@@ -11,7 +11,7 @@ import pytest
 from afs.cli import main
 from afs.config import PROFILES
 from afs.grid import GridJobError, stages, train_stage
-from afs.pipeline import validate_summary
+from afs.summary import validate_summary
 
 submitit = pytest.importorskip("submitit")
 

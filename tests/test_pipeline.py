@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from afs.cli import build_parser, main
-from afs.pipeline import validate_summary
+from afs.summary import validate_summary
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 figures, intervals: what the notebooks call) and scripts/update_readme.py (the README's tables).
 
 The summaries here are synthetic but follow the schema `Pipeline.reproduce` writes (checked against
-`afs.pipeline.validate_summary` where that exists), so the table builders are exercised on real keys.
+`afs.summary.validate_summary` where that exists), so the table builders are exercised on real keys.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ def fake_summary(profile: str = "cpu", aa: bool = True) -> dict:
 
 
 def test_fake_summary_follows_the_pipeline_schema():
-    from afs.pipeline import validate_summary
+    from afs.summary import validate_summary
 
     validate_summary(fake_summary())
 
