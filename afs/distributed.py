@@ -1,5 +1,5 @@
-"""Scale-out through PyTorch's own stack: ``torchrun`` process groups, DDP helpers and sharded evaluation
-(the grid of stages runs on submitit, `afs.grid`).
+"""Scale-out through PyTorch's own stack: ``torchrun`` process groups and exact DDP helpers (the grid of
+stages runs on submitit, `afs.grid`).
 
 Nothing here launches processes: ``torchrun`` (or SLURM + ``torchrun``) does, and this module reads the
 environment it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``). Three parts:
@@ -14,9 +14,8 @@ environment it sets (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/`
   the rows ``r::w`` of every global batch (`afs.data.DeviceLoader`), batch norm uses the statistics of
   the *global* batch, and each rank's PGD random start is the slice of the start a single process would
   draw for the whole batch. A run may therefore be resumed on a different number of GPUs.
-* **Sharded evaluation** (`sharded_evaluate`): the test set split across ranks by whole batches, every
-  image evaluated exactly once, per-sample results gathered back in test-set order; clean/PGD/FGSM
-  results are identical to `afs.evaluation.evaluate`'s.
+Sharded evaluation is a mode of `afs.evaluation.evaluate`: under a process group it splits the test set
+across the ranks by whole batches and gathers the per-sample results back (identical to one process's).
 
 Batch-norm choice: in DDP training batch norm is synchronised across ranks (torch's ``SyncBatchNorm`` on
 CUDA; `CrossRankBatchNorm2d`, an all-reduce implementation, on other devices, where ``SyncBatchNorm``
@@ -33,8 +32,6 @@ import logging
 import math
 import os
 from datetime import timedelta
-from enum import Enum
-from pathlib import Path
 from typing import Any, Sequence, TypeVar
 
 import torch
@@ -42,6 +39,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 import afs_kernels
+from afs_kernels import Choice
 
 __all__ = [
     "Backend",
@@ -64,7 +62,6 @@ __all__ = [
     "convert_sync_batchnorm",
     "global_batch_start",
     "scale_profile",
-    "sharded_evaluate",
 ]
 
 log = logging.getLogger("afs.distributed")
@@ -78,17 +75,11 @@ DEFAULT_TIMEOUT_S = 600.0
 _TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
-class Backend(str, Enum):
+class Backend(Choice):
     """Collective backend. Accepts ``Backend("nccl")`` or ``Backend.NCCL`` (any case)."""
 
     NCCL = "nccl"  # CUDA tensors, one GPU per process
     GLOO = "gloo"  # CPU tensors; what the tests use on localhost
-
-    @classmethod
-    def _missing_(cls, value: object) -> Backend | None:
-        if isinstance(value, str):
-            return next((m for m in cls if m.value == value.lower()), None)
-        return None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -364,82 +355,3 @@ def scale_profile(profile: Any, ranks: int) -> Any:
         raise ValueError(f"ranks must be an int >= 1, got {ranks!r}")
     ec = profile.extractor
     return profile.replace(extractor=dataclasses.replace(ec, batch_size=ec.batch_size * ranks, lr=ec.lr * ranks))
-
-
-# ----------------------------------------------------------------------------------------------------
-# Sharded evaluation
-# ----------------------------------------------------------------------------------------------------
-
-
-def sharded_evaluate(
-    model: nn.Module,
-    x: Tensor,
-    y: Tensor,
-    attacks: Sequence[str] = ("clean", "pgd10", "pgd20"),
-    *,
-    eps: float = 8 / 255,
-    step_size: float = 2 / 255,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-    aa_kwargs: dict[str, Any] | None = None,
-    compile: bool = False,
-) -> Any:
-    """`afs.evaluation.evaluate` with the test set split across the ranks of the process group.
-
-    Same arguments and result (an ``EvalResult``, identical on every rank). The set is cut into
-    ``batch_size`` batches exactly as `evaluate` cuts it and rank r takes batches r, r + w, r + 2w, ...;
-    each batch is attacked with the random start `evaluate` gives that batch (seeded by its global
-    index), so clean/PGD/FGSM per-sample results equal the single-process ones. The per-sample flags are
-    summed over ranks into test-set order, with a count that checks every image was evaluated exactly
-    once. AutoAttack runs on each rank's images (its own batching and restarts then see a different
-    split, so its per-sample flags can differ from a single-process run's, not its protocol); a
-    ``state_path`` in ``aa_kwargs`` gets a per-rank suffix. Without a process group this is `evaluate`.
-    """
-    from afs.evaluation import EvalResult, attack_key, evaluate, parse_attack
-
-    kwargs = dict(eps=eps, step_size=step_size, batch_size=batch_size, seed=seed, device=device, aa_kwargs=aa_kwargs,
-                  compile=compile)
-    if not is_distributed():
-        return evaluate(model, x, y, attacks, progress=progress, **kwargs)
-    # Validation exactly as evaluate does it (names, eps, batch size, seed, image dtype/shape), on no images
-    # (AutoAttack is left out of this dry run: it has nothing to do on an empty set).
-    listed = [attacks] if isinstance(attacks, str) else list(attacks)
-    if len(listed) == 0:
-        raise ValueError("attacks is empty; give at least one attack name")
-    names = list(dict.fromkeys(attack_key(k) for k in map(parse_attack, listed)))
-    batched = [a for a in names if a != "aa"]
-    n = x.shape[0]
-    if y.shape != (n,):
-        raise ValueError(f"y must have shape ({n},) to match x, got {tuple(y.shape)}")
-    r, w = rank(), world_size()
-    n_batches = (n + batch_size - 1) // batch_size
-    mine = list(range(r, n_batches, w))  # round robin: the last, short batch costs no rank more than one batch
-    # (A+1, N) int32: one row per attack plus a coverage row; each rank fills only its own columns.
-    flags = torch.zeros(len(names) + 1, n, dtype=torch.int32)
-    for b in mine:
-        flags[-1, b * batch_size:min((b + 1) * batch_size, n)] += 1
-    # Every rank calls evaluate (it validates, and an error then stops all ranks, not just one): the same
-    # batch cuts and per-batch seeds as a single process, restricted to this rank's batches.
-    res = evaluate(model, x, y, batched or ["clean"], progress=progress and is_main(), batches=mine, **kwargs)
-    for key in batched:
-        flags[names.index(key)] = res.correct[key].to(torch.int32)
-    if "aa" in names and mine:
-        idx = torch.cat([torch.arange(b * batch_size, min((b + 1) * batch_size, n)) for b in mine])
-        aa = dict(aa_kwargs or {})
-        if aa.get("state_path") is not None:
-            p = Path(aa["state_path"])
-            aa["state_path"] = p.with_name(f"{p.stem}.rank{r}of{w}{p.suffix}")
-        res = evaluate(model, x[idx], y[idx], ("aa",), eps=eps, step_size=step_size, batch_size=batch_size,
-                       seed=seed, device=device, progress=progress and is_main(), aa_kwargs=aa)
-        flags[names.index("aa"), idx] = res.correct["aa"].to(torch.int32)
-    comm = flags.to(_comm_device())
-    dist.all_reduce(comm, op=dist.ReduceOp.SUM)
-    flags = comm.cpu()
-    if not bool((flags[-1] == 1).all()):
-        raise RuntimeError("sharded evaluation did not cover every test image exactly once (ranks disagree on the "
-                           "test set or batch size)")
-    correct = {k: flags[i].bool() for i, k in enumerate(names)}
-    accuracy = {k: 100.0 * correct[k].float().mean().item() if n > 0 else float("nan") for k in names}
-    return EvalResult(accuracy=accuracy, correct=correct, n=n)

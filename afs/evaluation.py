@@ -7,13 +7,14 @@ clean and AutoAttack accuracy.
 
 :func:`evaluate` runs any mix of ``"clean"``, ``"pgdK"`` (K steps), ``"fgsm"`` and ``"aa"`` over a whole
 test set in batches and keeps per-sample correctness, so later analyses (which samples the stack saves,
-agreement between attacks) need no rerun. :func:`robustness_curve` is Fig. 4a (accuracy vs eps).
+agreement between attacks) need no rerun.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -21,10 +22,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from afs.attacks import PGD, fgsm, check_images, check_labels, eval_mode, model_device
+from afs import distributed
+from afs.attacks import PGD, check_images, check_labels, eval_mode, fgsm, model_device
 from afs.autoattack import autoattack
 
-__all__ = ["EvalResult", "evaluate", "robustness_curve", "trade_off", "parse_attack", "attack_key", "PROTOCOL"]
+__all__ = ["EvalResult", "evaluate", "trade_off", "parse_attack", "attack_key", "PROTOCOL"]
 
 # The version of what an accuracy means, part of every cached evaluation's identity (`afs.pipeline`): 2 =
 # an image is robust only if it is also right clean, and PGD-K's of one call share a start (one chain).
@@ -133,8 +135,8 @@ def evaluate(
             is an fp32 number on bf16-crafted inputs (tests check the attack loses < 0.5 point of strength).
             AutoAttack's flags are its own, i.e. under bf16. ``"fp32"``: everything fp32.
         batches: run clean/PGD/FGSM on these batch indices only (the cuts of ``batch_size`` above, each with
-            its own seed), leaving the other samples' flags False; `afs.distributed.sharded_evaluate` gives
-            each rank its share this way. ``None``: every batch.
+            its own seed), leaving the other samples' flags False. ``None``: every batch, and under a
+            process group (torchrun) the batches are shared out among the ranks (:func:`_sharded`).
 
     An image counts as correct under an attack only if it is also classified correctly clean (robust
     accuracy never exceeds clean accuracy, as in AutoAttack); the attacks run on those images only.
@@ -142,6 +144,10 @@ def evaluate(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
+    kw = dict(eps=eps, step_size=step_size, batch_size=batch_size, seed=seed, device=device, aa_kwargs=aa_kwargs,
+              compile=compile, craft_on=craft_on, craft_precision=craft_precision)
+    if batches is None and distributed.is_distributed():
+        return _sharded(model, x, y, attacks, progress, kw)
     if isinstance(attacks, str):
         attacks = (attacks,)  # a single name, not its characters
     if len(attacks) == 0:
@@ -251,40 +257,52 @@ def evaluate(
     return EvalResult(accuracy=accuracy, correct=correct, n=n)
 
 
-def robustness_curve(
-    model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    eps_list: Sequence[float],
-    *,
-    steps: int = 10,
-    step_size: float | None = None,
-    batch_size: int = 256,
-    seed: int = 0,
-    device: torch.device | str | None = None,
-    progress: bool = True,
-) -> list[tuple[float, float]]:
-    """Fig. 4a: PGD-``steps`` accuracy (percent) at each eps, as ``[(eps, accuracy), ...]``.
+def _sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str] | str, progress: bool,
+             kw: dict[str, Any]) -> EvalResult:
+    """:func:`evaluate` with its batches split across the ranks of the process group; the same result
+    (identical on every rank).
 
-    ``step_size=None`` scales the step with the budget, eps/4 (the paper's 2/255 at 8/255), so every
-    point of the curve is an equally strong attack; eps = 0 gives the clean accuracy.
+    The set is cut into batches exactly as a single process cuts it and rank r takes batches r, r + w,
+    ...; each batch keeps its own seed, so clean/PGD/FGSM per-sample results equal the one-process ones.
+    The flags are summed over ranks into test-set order, with a coverage row that checks every image
+    was evaluated exactly once. AutoAttack runs on each rank's images (its own batching then sees another
+    split, so its per-sample flags can differ from one process's, not its protocol); a ``state_path`` in
+    ``aa_kwargs`` gets a per-rank suffix.
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    eps_values = [float(e) for e in eps_list]
-    if not eps_values:
-        raise ValueError("eps_list is empty")
-    bad = [e for e in eps_values if not (0.0 <= e <= 1.0)]
-    if bad:
-        raise ValueError(f"every eps must be in [0, 1] (pixel units, e.g. 8/255), got {bad}")
-    curve = []
-    for e in eps_values:
-        res = evaluate(
-            model, x, y, (f"pgd{steps}",), eps=e, step_size=e / 4 if step_size is None else step_size,
-            batch_size=batch_size, seed=seed, device=device, progress=progress,
-        )  # fmt: skip
-        curve.append((e, res.accuracy[f"pgd{steps}"]))
-    return curve
+    listed = [attacks] if isinstance(attacks, str) else list(attacks)
+    if not listed:
+        raise ValueError(f"attacks is empty; give at least one of: {_VALID_FORMS}")
+    names = list(dict.fromkeys(attack_key(parse_attack(a)) for a in listed))
+    batched = [a for a in names if a != "aa"]
+    n, bs = x.shape[0], kw["batch_size"]
+    if not isinstance(y, torch.Tensor) or y.shape != (n,):
+        raise ValueError(f"y must be a tensor of shape ({n},) to match x, got {getattr(y, 'shape', type(y))}")
+    r, w = distributed.rank(), distributed.world_size()
+    n_batches = -(-n // bs) if isinstance(bs, int) and bs > 0 else 0  # a bad batch_size fails in evaluate below
+    mine = list(range(r, n_batches, w))  # round robin: the last, short batch costs no rank more than one batch
+    flags = torch.zeros(len(names) + 1, n, dtype=torch.int32)  # (A+1, N): one row per attack + coverage
+    for b in mine:
+        flags[-1, b * bs:min((b + 1) * bs, n)] += 1
+    # Every rank calls evaluate, so a bad argument stops all ranks, not one.
+    res = evaluate(model, x, y, batched or ["clean"], progress=progress and distributed.is_main(), batches=mine, **kw)
+    for key in batched:
+        flags[names.index(key)] = res.correct[key].to(torch.int32)
+    if "aa" in names and mine:
+        idx = torch.cat([torch.arange(b * bs, min((b + 1) * bs, n)) for b in mine])
+        aa = dict(kw["aa_kwargs"] or {})
+        if aa.get("state_path") is not None:
+            p = Path(aa["state_path"])
+            aa["state_path"] = p.with_name(f"{p.stem}.rank{r}of{w}{p.suffix}")
+        res = evaluate(model, x[idx], y[idx], ("aa",), progress=progress and distributed.is_main(), batches=[],
+                       **{**kw, "aa_kwargs": aa})
+        flags[names.index("aa"), idx] = res.correct["aa"].to(torch.int32)
+    flags = torch.tensor(distributed.all_reduce_sums(flags.flatten().tolist())).round().to(torch.int32).view_as(flags)
+    if not bool((flags[-1] == 1).all()):
+        raise RuntimeError("sharded evaluation did not cover every test image exactly once (ranks disagree on the "
+                           "test set or batch size)")
+    correct = {k: flags[i].bool() for i, k in enumerate(names)}
+    accuracy = {k: 100.0 * correct[k].float().mean().item() if n > 0 else float("nan") for k in names}
+    return EvalResult(accuracy=accuracy, correct=correct, n=n)
 
 
 def trade_off(clean: float, aa: float) -> float:

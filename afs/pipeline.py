@@ -30,7 +30,7 @@ from afs import audit, progress
 from afs.autoattack import AutoAttackWarning
 from afs.config import ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
-from afs.distributed import barrier, is_distributed, is_main, sharded_evaluate
+from afs.distributed import barrier, is_main
 from afs.evaluation import PROTOCOL as EVAL_PROTOCOL
 from afs.evaluation import evaluate, trade_off
 from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json, state_hash
@@ -185,7 +185,7 @@ class Pipeline:
         """Accuracies (percent) of ``model`` on the test subset named by ``subset`` ("test" or "aa"),
         reusing ``where/eval_<subset>.json``; per-sample correctness goes to ``where/eval_<subset>.pt``.
         Under a process group (``torchrun ... afs evaluate``) the images are sharded over the ranks
-        (`afs.distributed.sharded_evaluate`) and rank 0 writes the files."""
+        (`afs.evaluation.evaluate` shards under a process group) and rank 0 writes the files."""
         with RunDir(where).lock():
             return self._evaluate(model, where, list(attacks), subset)
 
@@ -207,10 +207,9 @@ class Pipeline:
         if missing:
             x, y = self._subset(subset)
             t0 = progress.begin("eval", f"{self.key(where)} [{subset}]", missing)
-            run_eval = sharded_evaluate if is_distributed() else evaluate
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", AutoAttackWarning)
-                res = run_eval(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
+                res = evaluate(model, x, y, attacks=missing, eps=ev.eps, step_size=ev.step_size,
                                batch_size=ev.batch_size, seed=self.profile.seed, device=self.device,
                                progress=self.progress, craft_precision=self.craft_precision,
                                compile=self.profile.compile_attacks,

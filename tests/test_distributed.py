@@ -98,9 +98,9 @@ def _ddp_rank(rank: int, world: int, port: int, root: str) -> None:
     model = train_extractor(_profile(), _data(), 4 / 255, run_dir=run, device="cpu", progress=False)
     torch.save({k: v.clone() for k, v in model.state_dict().items()}, out / f"weights_rank{rank}.pt")
     x, y = _test_set()
-    res = D.sharded_evaluate(model, x, y, EVAL_ATTACKS, **EVAL_KW)
+    res = evaluate(model, x, y, EVAL_ATTACKS, **EVAL_KW)
     torch.save({"correct": res.correct, "accuracy": res.accuracy}, out / f"eval_rank{rank}.pt")
-    aa = D.sharded_evaluate(model, x, y, ("clean", "aa"), **{**EVAL_KW, "aa_kwargs": AA_KW | {"state_path": out / "aa.json"}})
+    aa = evaluate(model, x, y, ("clean", "aa"), **{**EVAL_KW, "aa_kwargs": AA_KW | {"state_path": out / "aa.json"}})
     torch.save(aa.correct, out / f"aa_rank{rank}.pt")
     # A rank that dies: rank 1 leaves without the barrier; rank 0 must fail, not wait forever.
     if rank == 1:
