@@ -31,7 +31,7 @@ from afs.data import DeviceLoader
 from afs.io import atomic_torch_save, load_torch, state_hash
 from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate, lr_schedule
 from afs.stacking import StackedModel
-from afs.training import TrainData, stage_data
+from afs.training import TrainData, stage_data, validation_accuracy
 
 __all__ = ["MergerMode", "train_merger", "split_count", "save_merger", "load_merger"]
 
@@ -176,24 +176,11 @@ def train_merger(
         return {"train_loss": loss_sum / n, "train_loss_trace": trace}
 
     def validate(epoch: int) -> dict[str, float]:
-        stack.eval()
-        vl = DeviceLoader(data.val.images, data.val.labels, 256, shuffle=False, device=device)
-        val_attack = PGD(stack, eps=mc.eps, step_size=mc.attack_step_size, steps=mc.attack_steps,
-                         compile=config.compile_attacks)
-        clean = robust = 0
-        for i, (x, y) in enumerate(vl):
-            with autocast_for(device, config.precision):
-                with torch.no_grad():
-                    clean += (stack(x).argmax(1) == y).sum().item()
-                if alpha == 1:  # Eq. 5 at alpha = 1 has no robust term: nothing to select on
-                    continue
-                x_adv = val_attack(x, y, seed=batch_seed(seed, -1, i))
-                with torch.no_grad():
-                    robust += (stack(x_adv).argmax(1) == y).sum().item()
-        out = {"clean": 100 * clean / len(data.val)}
-        if alpha < 1:
-            out["pgd"] = 100 * robust / len(data.val)
-        return out
+        # Eq. 5 at alpha = 1 has no robust term: nothing to select on, so no attack.
+        attack = (PGD(stack, eps=mc.eps, step_size=mc.attack_step_size, steps=mc.attack_steps,
+                      compile=config.compile_attacks) if alpha < 1 else None)
+        return validation_accuracy(stack, data.val, attack, seed=seed, device=device, precision=config.precision,
+                                   batch_size=256)
 
     def objective(val: dict[str, float]) -> float:
         return alpha * val["clean"] + (1 - alpha) * val.get("pgd", 0.0)  # Eq. 5's weighting, as accuracies

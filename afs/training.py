@@ -33,16 +33,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from afs import distributed
-from afs.attacks import PGD
+from afs.attacks import PGD, eval_mode
 from afs.config import ExtractorConfig, ModelConfig, Profile
 from afs.data import DeviceLoader, ImageData
 from afs.models import build_model, load_model, save_checkpoint
 from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate, lr_schedule
 
-__all__ = ["TrainData", "train_extractor", "budget_name", "accuracy"]
+__all__ = ["TrainData", "train_extractor", "budget_name", "validation_accuracy"]
 
 
 @dataclass(frozen=True)
@@ -73,39 +73,34 @@ def _check_eps(eps: Any) -> tuple[float, float] | float:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor) -> float:
-    return (model(x).argmax(1) == y).float().mean().item() * 100
-
-
-def _validate(model: nn.Module, val: ImageData, eps: float, steps: int, step_size: float, device: torch.device,
-              precision: str, seed: int, batch_size: int, compile: bool = False) -> dict[str, float]:
-    """Clean and PGD accuracy (percent) on the validation split, in eval mode, deterministic.
+def validation_accuracy(model: nn.Module, val: ImageData, attack: PGD | None, *, seed: int, device: torch.device,
+                        precision: str, batch_size: int) -> dict[str, float]:
+    """Clean and (with ``attack``) PGD accuracy in percent on the validation split: the one accuracy loop
+    of model selection (extractors' early stopping, the merger's best epoch). Eval mode, deterministic:
+    batch i's attack is seeded by ``batch_seed(seed, -1, i)``. Unlike `afs.evaluation.evaluate` it counts
+    every image the attack leaves right (selection needs a score, not the protocol's per-sample flags).
 
     Under a process group rank r validates batches r, r + w, ... (each with the seed of its index, so the
     numbers equal a single process's) and the counts are summed over ranks.
     """
     loader = DeviceLoader(val.images, val.labels, batch_size, shuffle=False, device=device)
     rank, world = distributed.rank(), distributed.world_size()
-    was = model.training
-    model.eval()
     clean = robust = 0.0
-    attack = PGD(model, eps=eps, step_size=step_size, steps=steps, compile=compile)
-    for i, (x, y) in enumerate(loader):
-        if i % world != rank:
-            continue
-        with autocast_for(device, precision):
-            with torch.no_grad():
-                clean += (model(x).argmax(1) == y).sum().item()
-            if eps > 0:
-                x_adv = attack(x, y, seed=batch_seed(seed, -1, i))
+    with eval_mode(model):
+        for i, (x, y) in enumerate(loader):
+            if i % world != rank:
+                continue
+            with autocast_for(device, precision):
                 with torch.no_grad():
-                    robust += (model(x_adv).argmax(1) == y).sum().item()
-    model.train(was)
+                    clean += (model(x).argmax(1) == y).sum().item()
+                if attack is not None:
+                    x_adv = attack(x, y, seed=batch_seed(seed, -1, i))
+                    with torch.no_grad():
+                        robust += (model(x_adv).argmax(1) == y).sum().item()
     clean, robust = distributed.all_reduce_sums([clean, robust])
-    n = len(val)
-    out = {"clean": 100 * clean / n}
-    if eps > 0:
-        out["pgd"] = 100 * robust / n
+    out = {"clean": 100 * clean / len(val)}
+    if attack is not None:
+        out["pgd"] = 100 * robust / len(val)
     return out
 
 
@@ -215,8 +210,10 @@ def train_extractor(
         return out
 
     def validate(epoch: int) -> dict[str, float]:
-        return _validate(model, data.val, eps_max, ec.val_attack_steps, step_size, device,
-                         config.precision, seed, max(ec.batch_size, 256), config.compile_attacks)
+        attack = (PGD(model, eps=eps_max, step_size=step_size, steps=ec.val_attack_steps, compile=config.compile_attacks)
+                  if eps_max > 0 else None)
+        return validation_accuracy(model, data.val, attack, seed=seed, device=device, precision=config.precision,
+                                   batch_size=max(ec.batch_size, 256))
 
     def score(val: dict[str, float]) -> float:
         # Robustness at the training budget first; clean accuracy breaks ties (and decides for budget 0).
