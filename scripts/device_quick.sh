@@ -124,7 +124,7 @@ fi
   done < <(find "$PROFILE" -name state.pt -printf '%h\n')
   while read -r d; do # folders with no training stage of their own (no config.json)
     [[ -f "$d/config.json" ]] && continue
-    mapfile -t f < <(files "$d" ! -name '*.claim.json')
+    mapfile -t f < <(files "$d")
     ((${#f[@]})) && add "$d" "${f[@]}"
   done < <(find "$PROFILE" -type d)
   mkdir -p "$OUT/resume"
