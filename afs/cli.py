@@ -32,7 +32,7 @@ def _budgets(text: str) -> list[int]:
     try:
         budgets = [int(b) for b in text.replace(",", " ").split()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"budgets are integers in 1/255 units, e.g. '3,4,5,6,7,8'; got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"budgets are integers in 1/255, e.g. '3,4,5,6,7,8'; got {text!r}") from None
     if not budgets:
         raise argparse.ArgumentTypeError("no budgets given; list the members in 1/255, e.g. '3,4,5,6,7,8'")
     twice = sorted({b for b in budgets if budgets.count(b) > 1})
@@ -58,19 +58,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "OUT/<profile>-set<hash>/ and record the changes in config.json)")
     common = argparse.ArgumentParser(add_help=False, parents=[debug, sets])
     common.add_argument("--profile", default=None, help=PROFILE_HELP)
-    common.add_argument("--data-root", default=None, help="folder holding the data set (default: $AFS_DATA, else ./data)")
-    common.add_argument("--out", default="runs", help="run directory root; results go to OUT/<profile>/ (default: runs)")
+    common.add_argument("--data-root", default=None, help="data set folder (default: $AFS_DATA, else ./data)")
+    common.add_argument("--out", default="runs", help="run root; results go to OUT/<profile>/ (default: runs)")
     common.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     common.add_argument("--seed", type=int, default=None,
                         help="another seed than the profile's; its runs go to OUT/<profile>-seed<N>/")
     common.add_argument("--no-progress", action="store_true",
                         help="no progress bars (shown only when stderr is a terminal; stage lines stay)")
+    merger = argparse.ArgumentParser(add_help=False)
+    merger.add_argument("--alpha", type=float, default=None, help="weight of the clean term (default: the profile's)")
+    merger.add_argument("--mode", choices=("paired", "split"), default=None, help="paired: Eq. 5; split: the authors' code")
     ddp = argparse.ArgumentParser(add_help=False)
     ddp.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
                      help="under torchrun: a collective waiting longer than S seconds fails the job (default: 600)")
 
-    p = command("reproduce", [common], "train and evaluate every stage of a profile into "
-                       "OUT/<profile>/summary.json; finished stages are reused, interrupted ones resume")
+    p = command("reproduce", [common], "train and evaluate every stage of a profile into OUT/<profile>/summary.json; "
+                "finished stages are reused, interrupted ones resume")
     p.add_argument("--executor", choices=("none", "local", "slurm"), default="none",
                    help="none: every stage in this process (default); local|slurm: each stage a process on this "
                         "machine | a SLURM job (submitit). Rerun the same command after a failure")
@@ -86,21 +89,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale-batch", action="store_true", help="under torchrun: the profile's batch PER RANK, the "
                    "learning rate scaled linearly (default: the profile's batch is the global batch)")
 
-    p = command("train-merger", [common], "train the linear merger (Eq. 5) of a stack")
-    p.add_argument("--budgets", type=_budgets, default=None, help="members in 1/255, e.g. 3,4,5,6,7,8 (default: the profile's)")
-    p.add_argument("--alpha", type=float, default=None, help="weight of the clean term (default: the profile's)")
-    p.add_argument("--mode", choices=("paired", "split"), default=None, help="paired = Eq. 5; split = the authors' code")
+    p = command("train-merger", [common, merger], "train the linear merger (Eq. 5) of a stack")
+    p.add_argument("--budgets", type=_budgets, help="members in 1/255, e.g. 3,4,5,6,7,8 (default: the profile's)")
 
-    p = command("evaluate", [common, ddp], "evaluate an extractor or a stack on the test set")
+    p = command("evaluate", [common, merger, ddp], "evaluate an extractor or a stack on the test set")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--budget", type=int, help="a single extractor's budget in 1/255")
     g.add_argument("--budgets", type=_budgets, help="a stack's members in 1/255")
-    p.add_argument("--alpha", type=float, default=None)
-    p.add_argument("--mode", choices=("paired", "split"), default=None)
     p.add_argument("--attacks", default="clean,pgd10,pgd20", help="comma-separated: clean, pgdK, fgsm, aa")
 
-    p = command("notebooks", [debug], "train and evaluate the profile's stages here, then run "
-                       "notebooks/NN_*.ipynb in order into OUT/")
+    p = command("notebooks", [debug], "train and evaluate the profile's stages here, then run notebooks/NN_*.ipynb "
+                "in order into OUT/")
     p.add_argument("--profile", default=None, help=PROFILE_HELP)
     p.add_argument("--out", default="out", help="folder for executed notebooks and figures (default: out)")
 
@@ -136,7 +135,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
         names = [a.strip() for a in args.attacks.split(",") if a.strip()]
         if not names:
-            raise ValueError("--attacks is empty; give e.g. clean,pgd10,pgd20 (forms: clean, fgsm, aa, pgdK, pgdKxR, cwK)")
+            raise ValueError("--attacks is empty; give e.g. clean,pgd10,pgd20 "
+                             "(forms: clean, fgsm, aa, pgdK, pgdKxR, cwK)")
         for a in names:
             parse_attack(a)  # ValueError naming the valid forms
     if getattr(args, "alpha", None) is not None and not 0.0 <= args.alpha <= 1.0:
@@ -212,7 +212,8 @@ def _run(args: argparse.Namespace) -> int:
                                   timeout_min=args.timeout_min, partition=args.partition))
         return 0
     if ranks > 1:  # process groups report through logging
-        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s afs[rank {os.environ.get('RANK', '0')}] %(message)s")
+        rank = os.environ.get("RANK", "0")
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s afs[rank {rank}] %(message)s")
     # One GPU per process under torchrun (cuda:LOCAL_RANK): every torchrun rank binds its own GPU first
     # (set_device), whatever the command and --device say.
     bound = distributed.bind_local_device() if distributed.launched_by_torchrun() else None
@@ -255,7 +256,8 @@ def _command(args: argparse.Namespace, profile: Any, pipe: Any) -> int:
                                    args.mode or profile.merger.mode)
         acc = pipe.evaluate(model, where, [a for a in attacks if a != "aa"])
         if "aa" in attacks:
-            acc.update({f"{k} (AA subset)": v for k, v in pipe.evaluate(model, where, ("clean", "aa"), subset="aa").items()})
+            aa = pipe.evaluate(model, where, ("clean", "aa"), subset="aa")
+            acc.update({f"{k} (AA subset)": v for k, v in aa.items()})
         say(json.dumps(acc, indent=2))
     return 0
 

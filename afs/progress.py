@@ -2,7 +2,7 @@
 
     [afs] profile cpu: 38 stages to run (0 done before), 191 TFLOP predicted (afs/cost.py); ETA once ...
     [afs 5/38] train extractors/eps4 ...
-    [afs 5/38] train extractors/eps4 · epoch 3/4 · val clean 41.2, pgd 27.9 · 31 s in stage · elapsed 4:10 · ETA ~12 min
+    [afs 5/38] train extractors/eps4 · epoch 3/4 · val clean 41.2 · 31 s in stage · elapsed 4:10 · ETA ~12 min
     [afs 5/38] train extractors/eps4 done in 41 s · elapsed 4:20 · ETA ~11 min
 
 The ETA is the cost model's FLOPs still to do (`afs.cost.stages`) times the seconds per FLOP measured so far,
@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
 from tqdm import tqdm
+
+from afs.io import read_json
 
 if TYPE_CHECKING:  # torch-heavy; only for annotations
     from afs.cost import Stage
@@ -161,9 +163,8 @@ class StageProgress:
         return "ETA ~0 s" if left < 0.5 else f"ETA ~{format_duration(left)}"
 
     def header(self) -> None:
-        left = sum(self.flops[u] for u in self.remaining)
         self._say(f"[afs] {self.title + ': ' if self.title else ''}{self.total} stages to run ({self.skipped} done "
-                  f"before), {left / 1e12:.3g} TFLOP predicted (afs/cost.py); "
+                  f"before), {self.remaining_flops() / 1e12:.3g} TFLOP predicted (afs/cost.py); "
                   f"ETA once the first epoch or stage is done")
 
     def footer(self) -> None:
@@ -220,8 +221,6 @@ def end() -> None:
 
 
 def _accuracy(path: Path) -> dict[str, Any]:
-    from afs.io import read_json
-
     try:
         acc = read_json(path).get("accuracy", {})
     except (OSError, ValueError, AttributeError):
