@@ -6,17 +6,18 @@ killed at any instant leaves either the old file or the new one, never half of o
 
 from __future__ import annotations
 
+import hashlib
+import importlib
 import json
 import os
+import pickle
 import platform
 import subprocess
 import tempfile
+import zipfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
-
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_torch_save", "read_json", "load_torch", "CorruptFileError",
-           "tensor_hash", "state_hash", "manifest", "git_sha"]
 
 
 class CorruptFileError(ValueError):
@@ -42,8 +43,7 @@ def _atomic_write(path: Path, write: Any) -> None:
         os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be read by others
         os.replace(tmp, path)
     except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        Path(tmp).unlink(missing_ok=True)
         raise
 
 
@@ -72,9 +72,6 @@ def read_json(path: Path) -> Any:
 
 def load_torch(path: Path, map_location: Any = None) -> Any:
     """``torch.load(path, weights_only=True)``; `CorruptFileError` naming the file when it cannot be read."""
-    import pickle
-    import zipfile
-
     import torch
 
     try:
@@ -87,8 +84,6 @@ def load_torch(path: Path, map_location: Any = None) -> Any:
 
 def tensor_hash(*tensors: Any) -> str:
     """A short content hash (sha256, 16 hex digits) of tensors: dtype, shape and bytes, in order."""
-    import hashlib
-
     import torch
 
     h = hashlib.sha256()
@@ -103,8 +98,6 @@ def tensor_hash(*tensors: Any) -> str:
 def state_hash(module: Any) -> str:
     """Content hash of a module's weights and buffers (its ``state_dict``, by name): what identifies a
     trained network to the stages that consume it, whatever file it was loaded from."""
-    import hashlib
-
     h = hashlib.sha256()
     for name, t in sorted(module.state_dict().items()):
         h.update(name.encode())
@@ -115,10 +108,8 @@ def state_hash(module: Any) -> str:
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
-    if hasattr(o, "tolist"):
+    if hasattr(o, "tolist"):  # tensors, numpy values
         return o.tolist()
-    if isinstance(o, tuple):
-        return list(o)
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
@@ -128,15 +119,16 @@ def git_sha() -> str | None:
     env = os.environ.get("AFS_GIT_SHA")
     if env:
         return env
-    here = Path(__file__).resolve().parent.parent
+    here = str(Path(__file__).resolve().parent.parent)
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=5).stdout.strip()
+
     try:
-        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        sha = out.stdout.strip()
+        sha = git("rev-parse", "HEAD")
         if not sha:
             return None
-        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
+        return sha + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -154,18 +146,11 @@ def manifest(device: Any = None) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "device": str(device) if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"),
     }
-    try:
-        import torchvision
-
-        info["torchvision"] = torchvision.__version__
-    except Exception:  # torchvision is optional for provenance
-        pass
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except Exception:
-        pass
+    for lib in ("torchvision", "triton"):  # optional for provenance
+        try:
+            info[lib] = importlib.import_module(lib).__version__
+        except Exception:
+            pass
     # The numerics actually in force (afs.runs.configure_numerics sets them explicitly).
     info["tf32"] = {"matmul": torch.backends.cuda.matmul.allow_tf32, "cudnn": torch.backends.cudnn.allow_tf32}
     info["deterministic"] = torch.are_deterministic_algorithms_enabled()

@@ -1,21 +1,14 @@
-"""What ``afs reproduce`` prints while it runs: one line when a stage starts, one per training epoch, one when
-it ends, each with the stage's number and, from the second line on, an ETA for the whole run::
+"""What ``afs reproduce`` prints on stderr: a line when a stage starts, one per epoch, one when it ends::
 
-    [afs] profile cpu: 38 stages to run (0 done before), 191 TFLOP predicted (afs/cost.py); ETA once the first epoch or stage is done
+    [afs] profile cpu: 38 stages to run (0 done before), 191 TFLOP predicted (afs/cost.py); ETA once ...
     [afs 5/38] train extractors/eps4 ...
-    [afs 5/38] train extractors/eps4 · epoch 3/4 · val clean 41.2, pgd 27.9 · 31 s in stage · elapsed 4:10 · ETA ~12 min
+    [afs 5/38] train extractors/eps4 · epoch 3/4 · val clean 41.2 · 31 s in stage · elapsed 4:10 · ETA ~12 min
     [afs 5/38] train extractors/eps4 done in 41 s · elapsed 4:20 · ETA ~11 min
 
-The ETA is the cost model's prediction (`afs.cost.stages`: FLOPs per stage and per attack) of the work still
-to do, times the seconds per FLOP measured on this run so far (the finished stages, plus the finished
-epochs of the stage in progress); before any of that it says "ETA unknown". Data loading, compiles and I/O
-are in the measured rate, so the ETA corrects the cost model's optimism as the run goes.
-
-The pipeline reports through three module functions, `begin`, `epoch` and `end` (called by
-`afs.pipeline.Pipeline` and `afs.runs.fit`), which do nothing unless a `StageProgress` is active
-(`reporting`): the notebooks, the tests and library callers run silent, only the command line speaks.
-The lines go to stderr, plainly (no carriage returns), so a CI log reads like a terminal; the tqdm bars
-over batches are shown only when stderr is a terminal (`bars_enabled`).
+The ETA is the cost model's FLOPs still to do (`afs.cost.stages`) times the seconds per FLOP measured so far,
+so it corrects the model's optimism as the run goes. The hooks `begin`, `epoch` and `end` do nothing unless a
+reporter is active (`reporting`): notebooks, tests and library callers run silent. No carriage returns, so a
+CI log reads like a terminal; tqdm bars only on a terminal (`bars_enabled`).
 """
 
 from __future__ import annotations
@@ -28,21 +21,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence, TextIO
 
+from tqdm import tqdm
+
+from afs.io import read_json
+
 if TYPE_CHECKING:  # torch-heavy; only for annotations
     from afs.cost import Stage
     from afs.pipeline import Pipeline
-
-__all__ = ["StageProgress", "reporting", "begin", "epoch", "end", "bars_enabled", "completed_units",
-           "for_pipeline", "format_duration", "format_clock"]
 
 Unit = tuple[str, str]  # (cost-model stage name, work item): the smallest piece the ETA counts
 
 
 def bars_enabled(stream: TextIO | None = None) -> bool:
     """tqdm bars only on a terminal: redrawn with carriage returns, they would flood a CI log."""
-    stream = sys.stderr if stream is None else stream
     try:
-        return bool(stream.isatty())
+        return bool((sys.stderr if stream is None else stream).isatty())
     except (AttributeError, ValueError):  # a closed or exotic stream
         return False
 
@@ -60,8 +53,7 @@ def format_duration(s: float) -> str:
 
 def format_clock(s: float) -> str:
     """Elapsed time as a clock: '4:10', '1:02:03'."""
-    s = int(round(s))
-    h, rest = divmod(s, 3600)
+    h, rest = divmod(int(round(s)), 3600)
     m, sec = divmod(rest, 60)
     return f"{h}:{m:02d}:{sec:02d}" if h else f"{m}:{sec:02d}"
 
@@ -78,12 +70,9 @@ class _Open:
 
 
 class StageProgress:
-    """Numbered stage lines and a whole-run ETA over a plan of stages (`afs.cost.Stage`, in any order).
-
-    ``done`` holds the units (stage name, work item) already complete before this run (`completed_units`):
-    they are neither counted nor waited for. A training stage found complete is loaded, not trained, and
-    prints nothing. ``clock`` is injectable for tests.
-    """
+    """Numbered stage lines and a whole-run ETA over a plan of stages (`afs.cost.Stage`). ``done``: the units
+    complete before this run (`completed_units`), neither counted nor waited for; a training stage found
+    complete is loaded and prints nothing. ``clock`` is injectable for tests."""
 
     def __init__(self, plan: Sequence["Stage"], done: Iterable[Unit] = (), *, stream: TextIO | None = None,
                  clock: Callable[[], float] = time.monotonic, title: str = "") -> None:
@@ -95,31 +84,28 @@ class StageProgress:
                 self.flops[(s.name, w.what)] = self.flops.get((s.name, w.what), 0.0) + w.flops
                 units.append((s.name, w.what))
         self.remaining = set(self.flops) - set(done)
-        todo = [n for n, us in self.stage_units.items() if any(u in self.remaining for u in us)]
+        todo = [n for n in self.stage_units if self._pending(n)]
         self.total = len(todo)  # stages to run; grows if the pipeline runs one the plan lacks
         self.skipped = len(self.stage_units) - len(todo)
         self.numbers: dict[str, int] = {}  # stage -> its number, given when it first starts
         self.spent_s = 0.0  # measured seconds of finished steps whose cost the model predicts ...
         self.spent_flops = 0.0  # ... and their predicted FLOPs: the measured rate is their ratio
         self.current: _Open | None = None
-        self.stream = stream
-        self.clock = clock
-        self.t0 = clock()
-        self.title = title
+        self.stream, self.clock, self.t0, self.title = stream, clock, clock(), title
 
-    # --- what the pipeline calls ------------------------------------------------------------------
+    def _pending(self, stage: str) -> bool:
+        return any(u in self.remaining for u in self.stage_units.get(stage, ()))
+
     def begin(self, kind: str, stage: str, work: Sequence[str] | None = None) -> None:
-        """A step starts: ``kind`` "train" (may be a load of a finished stage) or "eval"; ``stage`` the
-        cost model's stage name (``extractors/eps8``, ``stacks/4-8_a0.5_paired [aa]``); ``work`` the work
-        items it computes (attacks), ``None`` for all of the stage's."""
+        """A step starts: ``kind`` "train" (maybe a load of a finished stage) or "eval"; ``stage`` the cost
+        model's name (``stacks/4-8_a0.5_paired [aa]``); ``work`` its items (attacks), ``None`` for all."""
         work = None if work is None else [_cost_item(w) for w in work]
         units = [u for u in self.stage_units.get(stage, []) if work is None or u[1] in work]
         if kind == "train" and units and not any(u in self.remaining for u in units):
             self.current = None  # complete before this run: loaded from its run directory, nothing to say
             return
         if stage not in self.numbers:
-            counted = stage in self.stage_units and any(u in self.remaining for u in self.stage_units[stage])
-            if not counted:  # not in the plan, or thought complete (its cache did not match): one more
+            if not self._pending(stage):  # not in the plan, or thought complete (its cache did not match)
                 self.total += 1
                 self.skipped -= stage in self.stage_units
             self.numbers[stage] = len(self.numbers) + 1
@@ -141,7 +127,6 @@ class StageProgress:
                   + f" · {self.eta()}")
 
     def end(self) -> None:
-        """The step in progress has finished (`Pipeline._time`)."""
         cur, self.current = self.current, None
         if cur is None:
             return
@@ -154,7 +139,6 @@ class StageProgress:
         self._say(f"{self._tag(cur.number)} {cur.label} done in {format_duration(seconds)} · "
                   f"elapsed {format_clock(self.clock() - self.t0)} · {self.eta()}")
 
-    # --- the arithmetic ---------------------------------------------------------------------------
     def remaining_flops(self) -> float:
         """Predicted FLOPs still to compute; the finished epochs of the step in progress are done work."""
         left = sum(self.flops[u] for u in self.remaining)
@@ -163,18 +147,14 @@ class StageProgress:
             left -= cur.epoch_frac * sum(self.flops[u] for u in cur.units if u in self.remaining)
         return max(left, 0.0)
 
-    def seconds_per_flop(self) -> float | None:
-        """Measured seconds per predicted FLOP: finished steps plus the finished epochs of the current one."""
+    def eta_seconds(self) -> float | None:
+        """Remaining FLOPs times the measured seconds per FLOP (finished steps and epochs); None before any."""
         s, f = self.spent_s, self.spent_flops
         cur = self.current
         if cur is not None and cur.epoch_frac > 0:
             s += self.clock() - cur.started
             f += cur.epoch_frac * sum(self.flops[u] for u in cur.units)
-        return s / f if f > 0 else None
-
-    def eta_seconds(self) -> float | None:
-        rate = self.seconds_per_flop()
-        return None if rate is None else rate * self.remaining_flops()
+        return s / f * self.remaining_flops() if f > 0 else None
 
     def eta(self) -> str:
         left = self.eta_seconds()
@@ -182,11 +162,9 @@ class StageProgress:
             return "ETA unknown"
         return "ETA ~0 s" if left < 0.5 else f"ETA ~{format_duration(left)}"
 
-    # --- output -----------------------------------------------------------------------------------
     def header(self) -> None:
-        left = sum(self.flops[u] for u in self.remaining)
         self._say(f"[afs] {self.title + ': ' if self.title else ''}{self.total} stages to run ({self.skipped} done "
-                  f"before), {left / 1e12:.3g} TFLOP predicted (afs/cost.py); "
+                  f"before), {self.remaining_flops() / 1e12:.3g} TFLOP predicted (afs/cost.py); "
                   f"ETA once the first epoch or stage is done")
 
     def footer(self) -> None:
@@ -194,17 +172,11 @@ class StageProgress:
             self._say(f"[afs] {len(self.numbers)} stage(s) run in {format_clock(self.clock() - self.t0)}")
 
     def _tag(self, number: int | None = None) -> str:
-        n = self.current.number if number is None and self.current is not None else number
-        return f"[afs {n}/{self.total}]"
+        return f"[afs {self.current.number if number is None else number}/{self.total}]"
 
     def _say(self, line: str) -> None:
         stream = sys.stderr if self.stream is None else self.stream
-        try:
-            from tqdm import tqdm
-
-            tqdm.write(line, file=stream)  # above an open bar, if any, without breaking it
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            print(line, file=stream)
+        tqdm.write(line, file=stream)  # above an open bar, if any, without breaking it
         stream.flush()
 
 
@@ -248,15 +220,9 @@ def end() -> None:
         _active.end()
 
 
-# --- what a run directory already holds ----------------------------------------------------------------
-_EPS_ITEM = re.compile(r"pgd20 @ (\d+)/255$")  # the audit's eps sweep, as afs.cost names it
-
-
 def _accuracy(path: Path) -> dict[str, Any]:
-    import json
-
     try:
-        acc = json.loads(path.read_text()).get("accuracy", {})
+        acc = read_json(path).get("accuracy", {})
     except (OSError, ValueError, AttributeError):
         return {}
     return acc if isinstance(acc, dict) else {"": acc}
@@ -264,23 +230,22 @@ def _accuracy(path: Path) -> dict[str, Any]:
 
 def completed_units(root: str | Path, plan: Sequence["Stage"]) -> set[Unit]:
     """The plan's units whose results ``root`` (a profile's run directory) already holds, read off the files
-    `afs.pipeline.Pipeline` caches them in. Settings inside the files are not compared: a stale cache the
-    pipeline recomputes is simply counted again when it starts (`StageProgress.begin`). Only the display
-    depends on this."""
-    root = Path(root)
-    out: set[Unit] = set()
+    `afs.pipeline.Pipeline` caches them in. Settings are not compared: a stale cache the pipeline recomputes
+    is counted again when it starts (`StageProgress.begin`); only the display depends on this."""
+    root, out = Path(root), set()
     for s in plan:
         name, _, sub = s.name.partition(" [")
         sub = sub.rstrip("]")
         for w in s.work:
+            eps = re.fullmatch(r"pgd20 @ (\d+)/255", w.what)  # the audit's eps sweep, as afs.cost names it
             if not sub:  # a training stage: complete once metrics.json is written
                 ok = (root / name / "metrics.json").is_file()
             elif name.startswith("audit/transfer/"):
                 ok = (root / "audit" / "transfer" / f"eval_{name.rsplit('/', 1)[1]}.json").is_file()
             elif sub == "curve":
                 ok = (root / name / "eval_curve.json").is_file()
-            elif sub == "audit" and _EPS_ITEM.match(w.what):
-                ok = f"eps{_EPS_ITEM.match(w.what).group(1)}" in _accuracy(root / name / "eval_audit_eps.json")
+            elif sub == "audit" and eps:
+                ok = f"eps{eps.group(1)}" in _accuracy(root / name / "eval_audit_eps.json")
             else:
                 ok = w.what in _accuracy(root / name / f"eval_{sub}.json")
             if ok:

@@ -43,7 +43,6 @@ def test_eta_is_remaining_predicted_cost_times_measured_rate() -> None:
     assert p.eta() == "ETA unknown"
     clock.t = 50.0
     p.end()  # 100 FLOPs in 50 s: 0.5 s per FLOP, 250 FLOPs left
-    assert p.seconds_per_flop() == pytest.approx(0.5)
     assert p.eta_seconds() == pytest.approx(125.0)
     p.begin("eval", "extractors/a [test]", ["clean", "pgd20"])
     clock.t = 60.0
@@ -57,7 +56,7 @@ def test_finished_epochs_of_the_current_stage_count_as_done_work() -> None:
     p.begin("train", "extractors/b")
     clock.t = 30.0
     p.epoch(1, 4)  # a quarter of 200 FLOPs in 30 s: 0.6 s/FLOP; left 350 - 50 = 300 FLOPs
-    assert p.seconds_per_flop() == pytest.approx(0.6)
+    assert p.remaining_flops() == pytest.approx(300.0)
     assert p.eta_seconds() == pytest.approx(180.0)
     assert "epoch 1/4" in out.getvalue().splitlines()[-1]
 
