@@ -10,14 +10,14 @@ Eq. 4 of the paper (Madry et al.'s inner maximisation), as run here::
     x^0     = clamp(x + U(-eps, eps)^D, 0, 1)                                    (start="uniform")
     x^{t+1} = clamp(Proj_{B(x, eps)}(x^t + step_size * sign(grad_x L(f(x^t), y))), 0, 1)
 
-The start is drawn by :func:`afs_kernels.random_start` and every step runs in :func:`afs_kernels.pgd_loop`
-(eager or ``torch.compile``d): this module validates the inputs once per call, then calls the kernels
-without re-checking. ``step_size`` is PGD's step; Eq. 5's mixing weight alpha lives in :mod:`afs.merger`.
-
 ``start="authors"`` is the authors' release (DESIGN.md, "Standard PGD here"): a triangular start
 ``x + (U - U') * eps``, steps projected onto the ball only, and one clamp to [0, 1] after the loop.
 ``start="none"`` starts at ``x``; FGSM is ``PGD(model, eps, step_size=eps, steps=1, start="none")``.
 """
+
+# The start is drawn by afs_kernels.random_start and every step runs in afs_kernels.pgd_loop (eager or
+# torch.compile'd): this module validates the inputs once per call, then calls the kernels without
+# re-checking. step_size is PGD's step; Eq. 5's mixing weight alpha lives in afs.merger.
 
 from __future__ import annotations
 
@@ -123,7 +123,8 @@ def check_images(x: Any, name: str = "x") -> torch.Tensor:
     return x
 
 
-def check_labels(y: Any, batch: int, device: torch.device, n_classes: int | None = None, name: str = "y") -> torch.Tensor:
+def check_labels(y: Any, batch: int, device: torch.device, n_classes: int | None = None,
+                 name: str = "y") -> torch.Tensor:
     """Integer class labels of shape [batch] on ``device``, in [0, n_classes); returned as int64."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 labels, got {type(y).__name__}")
@@ -169,24 +170,18 @@ def _fmt_budget(v: Budget) -> str:
 # PGD
 # ------------------------------------------------------------------------------------------------------------
 class PGD:
-    """L-inf projected gradient ascent on the loss (Eq. 4), in [0, 1] pixel space.
+    """L-inf projected gradient ascent on the loss (Eq. 4), in [0, 1] pixel space (arguments below)."""
 
-    Args:
-        model: any ``nn.Module`` mapping (B, C, H, W) images in [0, 1] to logits (B, K), a whole
-            ``StackedModel`` included (attacks on AFS target the stack, Section III).
-        eps: the ball's radius; a number in [0, 1] or a per-sample tensor [B]. Paper: 8/255.
-        step_size: PGD's step (a number or a [B] tensor). Paper: 2/255.
-        steps: gradient steps (0: the start itself).
-        start: ``"uniform"`` (standard), ``"none"`` (from ``x``) or ``"authors"`` (see the module text).
-        restarts: independent random starts; per sample the worst final iterate is kept.
-        loss: ``"ce"`` (the paper's) or ``"margin"`` (:func:`margin_loss`).
-        compile: ``torch.compile`` each step: ``True`` (Inductor) or a dict of ``torch.compile`` options;
-            the same attack within ``afs_kernels.COMPILED_PIXEL_TOLERANCE`` (``Profile.compile_attacks``).
-
-    The model is in eval mode during the attack (every submodule's mode restored afterwards, also on an
-    exception); gradients are taken w.r.t. the input only, so no parameter gets a ``.grad``.
-    """
-
+    # model: any nn.Module mapping (B, C, H, W) images in [0, 1] to logits (B, K), a whole StackedModel
+    #     included (attacks on AFS target the stack, Section III).
+    # eps: the ball's radius, a number in [0, 1] or a per-sample tensor [B] (Table VI). Paper: 8/255.
+    # step_size: PGD's step (a number or a [B] tensor). Paper: 2/255.
+    # steps: gradient steps (0: the start itself).
+    # start: "uniform" (standard), "none" (from x) or "authors" (see the module text).
+    # restarts: independent random starts; per sample the worst final iterate is kept.
+    # loss: "ce" (the paper's) or "margin" (margin_loss).
+    # compile: torch.compile each step, True (Inductor) or a dict of torch.compile options: the same attack
+    #     within afs_kernels.COMPILED_PIXEL_TOLERANCE (the profiles set it from Profile.compile_attacks).
     def __init__(self, model: nn.Module, eps: Budget = 8 / 255, step_size: Budget = 2 / 255, steps: int = 10, *,
                  start: Start | str = "uniform", restarts: int = 1, loss: Loss | str = "ce",
                  compile: bool | dict[str, Any] = False) -> None:
@@ -212,11 +207,8 @@ class PGD:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None,
                  start_from: torch.Tensor | None = None) -> torch.Tensor:
         """Adversarial examples for ``(x, y)``: ``x``'s shape, dtype and device, in [0, 1] and the eps-ball.
-
-        seed: seeds one ``torch.Generator`` on the data's device for this call, so the call repeats
-            exactly (``None``: torch's global RNG).
-        start_from: the first iterate instead of a random start (one restart only).
-        """
+        ``seed`` seeds one generator on the data's device (``None``: torch's global RNG); ``start_from`` is
+        the first iterate instead of a random start (one restart only)."""
         # start_from: the loop is a function of its current iterate, so PGD-10's output plus 10 more steps
         # *is* PGD-20 from the same start, bit for bit; afs.evaluation runs PGD-10 and PGD-20 as one chain.
         # Every check runs here, once per call; the kernels below are called with check=False.
@@ -239,6 +231,8 @@ class PGD:
             raise RuntimeError("PGD needs autograd for the input gradient; call it outside torch.inference_mode()")
         if x.shape[0] == 0:
             return x.clone()
+        # Eval mode during the attack (every submodule's mode restored afterwards, also on an exception);
+        # gradients are taken w.r.t. the input only, so no parameter gets a .grad.
         with eval_mode(self.model):
             check_labels(y, x.shape[0], x.device, n_classes=self._n_classes(x))
             # One generator per call, on the data's device: a seed fixes every draw of every restart.
@@ -246,6 +240,7 @@ class PGD:
             best = best_loss = best_wrong = None
             for _ in range(self.restarts):
                 x0 = self._start(x, eps, gen) if start_from is None else start_from
+                # Eq. 4's steps; the authors' variant projects onto the ball only and clamps once at the end.
                 x_adv = afs_kernels.pgd_loop(
                     self.model, x, y, x0, eps, step_size, self.steps,
                     clamp_box_each_step=self.start is not Start.AUTHORS,
@@ -254,6 +249,7 @@ class PGD:
                     check=False)
                 if self.restarts == 1:
                     return x_adv
+                # Restarts: score each final iterate by misclassification, then by cross-entropy.
                 with torch.no_grad():
                     logits = self.model(x_adv).float()
                     ce, wrong = F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) != y  # (B,) each

@@ -44,7 +44,8 @@ def run_audit(pipe: Pipeline, default: Sequence[int]) -> dict[str, Any]:
     ev, p = pipe.profile.evaluation, pipe.profile
     b8 = pipe.robust_budget()
     stack_d = pipe.stack_dir(default, p.merger.alpha, p.merger.mode)
-    models = {"stack": (pipe.stack(default), stack_d), "member": (pipe.extractor(b8), pipe.extractor_dir(eps_from_budget(b8)))}
+    models = {"stack": (pipe.stack(default), stack_d),
+              "member": (pipe.extractor(b8), pipe.extractor_dir(eps_from_budget(b8)))}
     roles = audit_attacks(pipe.profile)
     out: dict[str, Any] = {"subset": "audit", "images": len(pipe.data.audit_index), "attacks": roles,
                            "eps_sweep_255": [8, *ev.audit_budgets], "models": {}, "transfer": {}}
@@ -96,16 +97,16 @@ def _audit_pgd20(pipe: Pipeline, model: nn.Module, where: Path, name: str, eps: 
 def _audit_transfer(pipe: Pipeline, target: nn.Module, source: nn.Module, name: str) -> float:
     """(a) Accuracy of ``target`` on PGD-20 examples crafted on ``source`` (the white-box run's seeds),
     cached in ``audit/transfer/eval_<name>.{json,pt}``, keyed by both models' weights."""
-    ev, d = pipe.profile.evaluation, pipe.root / "audit" / "transfer"
-    path, spath = d / f"eval_{name.strip('#')}.json", d / f"eval_{name.strip('#')}.pt"
+    ev, d, stem = pipe.profile.evaluation, pipe.root / "audit" / "transfer", name.strip("#")
+    path, spath = d / f"eval_{stem}.json", d / f"eval_{stem}.pt"
     with RunDir(d).lock():
         setting = pipe._setting(target, "audit", eps=ev.eps, step_size=ev.step_size,
                                 source=pipe._setting(source, "audit")["model"])
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == setting:
-            pipe.reused.add(f"audit/transfer/{name.strip('#')} [audit]")
+            pipe.reused.add(f"audit/transfer/{stem} [audit]")
             return read_json(path)["accuracy"]
         x, y = pipe._subset("audit")
-        t0 = progress.begin("eval", f"audit/transfer/{name.strip('#')} [audit]")
+        t0 = progress.begin("eval", f"audit/transfer/{stem} [audit]")
         res = evaluate(target, x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size, batch_size=ev.batch_size,
                        seed=pipe.profile.seed, device=pipe.device, progress=False, craft_on=source,
                        craft_precision=pipe.craft_precision, compile=pipe.profile.compile_attacks)

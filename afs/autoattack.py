@@ -53,10 +53,6 @@ class AutoAttackResult:
     robust: torch.Tensor  # bool [N] on the CPU: AutoAttack's own per-sample robust flags (see autoattack)
     clean_accuracy: float  # percent, measured by AutoAttack's initial pass
 
-    @property
-    def n(self) -> int:
-        return int(self.robust.numel())
-
 
 class _WarningBridge(logging.Handler):
     # pyautoattack reports its sanity checks (checks.py) through logger.warning; re-emitted as
@@ -136,7 +132,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
                norm: Norm | str = "Linf", version: AAVersion | str = "standard", attacks: Sequence[str] | None = None,
                batch_size: int = 500, seed: int = 0, device: torch.device | str | None = None,
                state_path: str | os.PathLike | None = None, verbose: bool = False) -> AutoAttackResult:
-    """AutoAttack (Croce & Hein) via ``pyautoattack``: robust accuracy and per-sample robust flags.
+    """AutoAttack via ``pyautoattack``: robust accuracy and AutoAttack's *own* per-sample robust flags (its
+    EvaluationState, not recomputed from adversarial examples, which a resume does not return and a
+    randomised model could classify anew); its warnings are re-emitted as :class:`AutoAttackWarning`.
 
     Args:
         model: returns logits for [0, 1] images; in eval mode during the run, its modes restored after.
@@ -147,15 +145,10 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         seed: fixed seed for every attack (pyautoattack's default is the wall clock); AutoAttack seeds
             torch's global RNG with it, inside ``torch.random.fork_rng`` here.
         device: where the attacks run; default the model's parameters' device.
-        state_path: a JSON state file recording the progress (flags after every batch, finished attacks);
-            called again with it, a run resumes: the attacks not finished run on the still-robust samples
-            (AutoAttack's own rule), a finished evaluation returns its flags without computing. The file
-            does not record eps/norm/seed: one file per setting.
+        state_path: a JSON file recording the progress (flags after every batch, finished attacks); called
+            again with it, a run resumes: the attacks not finished run on the still-robust samples, a
+            finished evaluation returns its flags. It does not record eps/norm/seed: one file per setting.
         verbose: stream AutoAttack's progress log to stderr.
-
-    Returns ``AutoAttackResult``; ``robust`` holds AutoAttack's *own* flags (its EvaluationState), not flags
-    recomputed from adversarial examples (which a resume does not return and a randomised model could
-    classify anew). AutoAttack's warnings are re-emitted as :class:`AutoAttackWarning`.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
@@ -166,10 +159,8 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
         raise TypeError(f"eps must be a float, got {type(eps).__name__}")
     eps = float(eps)
-    if not (math.isfinite(eps) and 0.0 <= eps <= 1.0):
-        raise ValueError(f"eps must be finite, >= 0 and <= 1.0 (pixel units, e.g. 8/255), got {eps}")
-    if eps == 0.0:
-        raise ValueError("eps must be > 0 for AutoAttack (eps = 0 is clean accuracy: evaluate(..., ('clean',)))")
+    if not (math.isfinite(eps) and 0.0 < eps <= 1.0):  # eps = 0 is clean accuracy: evaluate(..., ("clean",))
+        raise ValueError(f"eps must be finite, > 0 and <= 1.0 for AutoAttack (pixel units, e.g. 8/255), got {eps}")
     norm_, version_ = Norm.parse(norm, "norm"), AAVersion.parse(version, "AutoAttack version")
     if version_ is AAVersion.CUSTOM and not attacks:
         raise ValueError("version='custom' needs attacks=[...] (e.g. ['apgd-ce', 'apgd-t', 'fab-t', 'square'])")
@@ -206,7 +197,9 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     if state is not None and state["run"] >= set(order):
         flags, clean = state["flags"], state["clean"]  # a finished evaluation: its flags, no computation
     else:
-        with eval_mode(model), _aa_logging(verbose), _forked_rng(dev):
+        # AutoAttack calls torch.manual_seed: fork torch's CPU RNG (and the device's CUDA RNG) around it.
+        cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+        with eval_mode(model), _aa_logging(verbose), torch.random.fork_rng(devices=cuda):
             if state is None:  # fresh: pyautoattack writes its progress straight into state_path
                 flags, clean = _run_aa(aa, x, y, order, batch_size, path)
             else:
@@ -227,11 +220,3 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
                 "_clean_accuracy": clean}))
     return AutoAttackResult(robust_accuracy=100.0 * flags.float().mean().item(), robust=flags.cpu(),
                             clean_accuracy=100.0 * clean)
-
-
-@contextlib.contextmanager
-def _forked_rng(device: torch.device) -> Iterator[None]:
-    # Fork torch's CPU RNG (and device's CUDA RNG): AutoAttack calls torch.manual_seed.
-    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        yield

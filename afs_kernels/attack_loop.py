@@ -73,17 +73,13 @@ def pgd_loop(model: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor,
              loss_fn: LossFn | None = None, compile: dict[str, Any] | None = None, check: bool = True) -> torch.Tensor:
     """Run ``steps`` L-inf PGD iterations from ``x_start``; return the final iterate (detached).
 
-    Args:
-        model: maps (B, ...) inputs in [0, 1] to logits; its train/eval mode is left as the caller set it.
-        x_nat: clean inputs (B, ...) in [0, 1]. y: labels [B] (or whatever ``loss_fn`` takes).
-        x_start: the first iterate, same shape/dtype/device as ``x_nat``.
-        eps, step_size: floats, 0-d tensors or per-sample [B] tensors; >= 0.
-        steps: gradient steps (0 returns ``x_start``, box-clamped in the authors' variant).
-        clamp_box_each_step: ``False`` is the authors' variant (see ``afs.attacks``).
-        loss_fn: ``loss_fn(logits, y) -> scalar`` to ascend; default :func:`sum_cross_entropy`.
-        compile: ``None`` (eager) or ``torch.compile`` options for the step (``{}``: Inductor; e.g.
-            ``{"backend": "aot_eager"}``, ``{"mode": "reduce-overhead"}``); needs an ``nn.Module``.
-        check: validate the inputs; ``False`` when the caller already did (``afs.attacks.PGD``).
+    model maps (B, ...) inputs in [0, 1] to logits (its train/eval mode is left as the caller set it); y: labels
+    [B] (or whatever ``loss_fn(logits, y) -> scalar`` takes; default :func:`sum_cross_entropy`); x_start: the
+    first iterate, like ``x_nat``; eps, step_size: floats, 0-d or per-sample [B] tensors, >= 0; steps = 0
+    returns ``x_start``. ``clamp_box_each_step=False`` is the authors' variant (see ``afs.attacks``).
+    compile: ``None`` (eager) or ``torch.compile`` options for the step (``{}``: Inductor, or e.g.
+    ``{"backend": "aot_eager"}``, ``{"mode": "reduce-overhead"}``); needs an ``nn.Module``.
+    check: validate the inputs; ``False`` when the caller already did (``afs.attacks.PGD``).
     """
     if check:
         _prepare(model, x_nat, y, x_start, steps, loss_fn)

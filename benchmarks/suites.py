@@ -459,7 +459,8 @@ def _pgd_step_batch(cfg: BenchConfig, rec: Recorder, device: torch.device, batch
     eager_gbs = moved / t_eager.median_s / 1e9
     rec.add("eager_torch_Linf", baseline="copy", ratio=eager_gbs / copy_gbs, ratio_meaning=BW_FRACTION,
             metric="effective_bandwidth", value=eager_gbs, unit="GB/s", timing=t_eager, batch_size=batch,
-            model=None, dtype="float32", shapes=shapes, extra={"bytes": moved, "fits_in_l2": _fits_in_l2(device, moved)})
+            model=None, dtype="float32", shapes=shapes,
+            extra={"bytes": moved, "fits_in_l2": _fits_in_l2(device, moved)})
     if not _triton_runs(device, rec, f"B={batch} fused_triton_Linf"):
         return
     fused = lambda: pgd_step(x, grad, x_nat, eps_t, step_t, backend="triton", check=False)  # noqa: E731

@@ -179,9 +179,9 @@ def test_random_start_in_ball_box_and_reproducible(backend):
     assert torch.equal(a[2], x_nat[2]), "eps = 0 must give x_nat"
     # A generator in a given state gives the same start; the generator advances between calls.
     g1, g2 = torch.Generator(DEVICE).manual_seed(7), torch.Generator(DEVICE).manual_seed(7)
-    d1 = _random_start(backend, x_nat, eps, g1)
-    assert torch.equal(d1, _random_start(backend, x_nat, eps, g2))
-    assert not torch.equal(d1, _random_start(backend, x_nat, eps, g1))
+    d1 = _random_start(backend, x_nat, eps, generator=g1)
+    assert torch.equal(d1, _random_start(backend, x_nat, eps, generator=g2))
+    assert not torch.equal(d1, _random_start(backend, x_nat, eps, generator=g1))
     # No generator and no seed: torch's default generator, so torch.manual_seed repeats a run.
     torch.manual_seed(5)
     e1 = _random_start(backend, x_nat, eps)
