@@ -134,7 +134,7 @@ def check_labels(y: Any, batch: int, device: torch.device, n_classes: int | None
         raise ValueError(f"{name} must have shape [B]=[{batch}] to match the images, got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"device mismatch: {name} is on {y.device}, the images on {device}")
-    y = y.long()
+    y = y.long()  # what cross_entropy and gather index with
     if batch > 0:
         lo, hi = (v.item() for v in torch.aminmax(y))
         if lo < 0:
@@ -198,7 +198,8 @@ class PGD:
         self.model, self.steps, self.restarts, self.compile = model, steps, restarts, compile
         self.eps, self.step_size = _check_budget(eps, "eps", 1.0), _check_budget(step_size, "step_size", None)
         self.loss = Loss.parse(loss, "loss")
-        self._classes: tuple[nn.Module, int] | None = None  # (model probed, its class count)
+        # (model probed, its class count): the label range check probes each model once, not every call.
+        self._classes: tuple[nn.Module, int] | None = None
 
     def __repr__(self) -> str:
         return (f"PGD(eps={_fmt_budget(self.eps)}, step_size={_fmt_budget(self.step_size)}, steps={self.steps}, "
@@ -215,6 +216,7 @@ class PGD:
         x = check_images(x).detach()
         y = check_labels(y, x.shape[0], x.device)
         eps, step_size = self._budget(self.eps, "eps", x), self._budget(self.step_size, "step_size", x)
+        # Attacks do not move data (on_model_device does): a model elsewhere is the caller's bug.
         first = next(self.model.parameters(), None)
         if first is not None and first.device != x.device:
             raise ValueError(f"device mismatch: the model's parameters are on {first.device}, the images on {x.device}")
@@ -229,7 +231,7 @@ class PGD:
                                  f"{tuple(start_from.shape)} on {start_from.device}")
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PGD needs autograd for the input gradient; call it outside torch.inference_mode()")
-        if x.shape[0] == 0:
+        if x.shape[0] == 0:  # an empty batch: nothing to attack, and no probe of the model
             return x.clone()
         # Eval mode during the attack (every submodule's mode restored afterwards, also on an exception);
         # gradients are taken w.r.t. the input only, so no parameter gets a .grad.
@@ -265,11 +267,9 @@ class PGD:
     @staticmethod
     def _budget(value: Budget, name: str, x: torch.Tensor) -> Budget:
         # A per-sample budget must have x's batch size and lives on x's device.
-        if isinstance(value, torch.Tensor):
-            if value.dim() == 1 and value.shape[0] != x.shape[0]:
-                raise ValueError(f"per-sample {name} must have shape [B]=[{x.shape[0]}], got {tuple(value.shape)}")
-            return value.to(x.device)
-        return value
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] != x.shape[0]:
+            raise ValueError(f"per-sample {name} must have shape [B]=[{x.shape[0]}], got {tuple(value.shape)}")
+        return value.to(x.device) if isinstance(value, torch.Tensor) else value
 
     def _n_classes(self, x: torch.Tensor) -> int:
         # The model's class count, from a one-sample probe once per model (training calls PGD every batch).

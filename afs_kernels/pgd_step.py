@@ -73,9 +73,19 @@ def _dispatch(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps:
         return _math(x_adv, grad, x_nat, eps, step, clamp_box)
 
 
-def _step(x_adv: Any, grad: Any, x_nat: Any, eps: Budget, step_size: Budget, clamp_box: bool, backend: Any,
-          check: bool) -> torch.Tensor:
-    # Metadata checks always; ``check`` adds the value checks (budgets, finite gradient; host syncs on CUDA).
+def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: Budget, step_size: Budget, *,
+             clamp_box: bool = True, backend: Backend | str = "auto", check: bool = True) -> torch.Tensor:
+    """The next PGD iterate ``clamp(clip(x_adv + step*sign(grad), x_nat-eps, x_nat+eps), 0, 1)`` (out of
+    place; never requires grad).
+
+    Args:
+        x_adv, grad, x_nat: same shape (B, ...), floating dtype and device.
+        eps, step_size: floats, 0-d tensors or per-sample [B] tensors; >= 0.
+        clamp_box: ``False`` for the authors' variant, which clamps once after the loop.
+        backend: ``"auto"`` (Triton on CUDA, else the reference), ``"triton"`` (on CPU only under
+            ``TRITON_INTERPRET=1``) or ``"reference"``.
+        check: the value checks (budgets, finite gradient; host syncs on CUDA); metadata is always checked.
+    """
     check_tensor(x_adv, "x_adv")
     check_tensor(grad, "grad", x_adv, "x_adv")
     check_tensor(x_nat, "x_nat", x_adv, "x_adv")
@@ -86,24 +96,7 @@ def _step(x_adv: Any, grad: Any, x_nat: Any, eps: Budget, step_size: Budget, cla
     return _dispatch(x_adv, grad, x_nat, eps_t, step_t, clamp_box, backend)
 
 
-def pgd_step(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: Budget, step_size: Budget,
-             *, clamp_box: bool = True, backend: Backend | str = "auto",
-             check: bool = True) -> torch.Tensor:
-    """The next PGD iterate ``clamp(clip(x_adv + step*sign(grad), x_nat-eps, x_nat+eps), 0, 1)`` (out of
-    place; never requires grad).
-
-    Args:
-        x_adv, grad, x_nat: same shape (B, ...), floating dtype and device.
-        eps, step_size: floats, 0-d tensors or per-sample [B] tensors; >= 0.
-        clamp_box: ``False`` for the authors' variant, which clamps once after the loop.
-        backend: ``"auto"`` (Triton on CUDA, else the reference), ``"triton"`` (on CPU only under
-            ``TRITON_INTERPRET=1``) or ``"reference"``.
-        check: the value checks (host syncs on CUDA); ``False`` skips them.
-    """
-    return _step(x_adv, grad, x_nat, eps, step_size, clamp_box, backend, check)
-
-
 def pgd_step_reference(x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps: Budget, step_size: Budget,
                        *, clamp_box: bool = True, check: bool = True) -> torch.Tensor:
     """Pure-PyTorch :func:`pgd_step` (the CPU path and the kernel's oracle); same arguments."""
-    return _step(x_adv, grad, x_nat, eps, step_size, clamp_box, Backend.REFERENCE, check)
+    return pgd_step(x_adv, grad, x_nat, eps, step_size, clamp_box=clamp_box, backend=Backend.REFERENCE, check=check)

@@ -11,8 +11,6 @@ the ball: with ``x_nat`` in [0, 1] it only moves a coordinate towards it.
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 
 from ._common import (BLOCK, Backend, Budget, Norm, as_budget, check_box, check_linf, check_tensor, choose_backend,
@@ -57,8 +55,20 @@ def _math(x_nat: torch.Tensor, eps: torch.Tensor, generator: torch.Generator | N
     return x.clamp(0.0, 1.0).to(x_nat.dtype)
 
 
-def _start(x_nat: Any, eps: Budget, norm: Any, generator: Any, seed: Any, backend: Any, check: bool) -> torch.Tensor:
-    # Metadata checks always; ``check`` adds the value checks (eps, x_nat in the box; host syncs on CUDA).
+def random_start(x_nat: torch.Tensor, eps: Budget, norm: Norm | str = "Linf", generator: torch.Generator | None = None,
+                 *, seed: int | None = None, backend: Backend | str = "auto", check: bool = True) -> torch.Tensor:
+    """``clamp(x_nat + U(-eps, eps), 0, 1)``, same dtype and shape as ``x_nat``.
+
+    Args:
+        x_nat: (B, ...) floating tensor in [0, 1]. eps: a float, 0-d or per-sample [B] tensor; >= 0.
+        norm: ``"Linf"`` (the one threat model the kernels implement).
+        generator: the torch generator to draw from (the Triton path draws its seed from it).
+        seed: an explicit seed instead (the reference seeds a fresh generator with it). With neither,
+            torch's default generator: ``torch.manual_seed`` makes runs repeat.
+        backend: ``"auto"``, ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``) or ``"reference"``.
+        check: the value checks (eps >= 0 and finite, x_nat in [0, 1]; host syncs on CUDA); metadata is
+            always checked.
+    """
     check_linf(norm)
     check_tensor(x_nat, "x_nat")
     eps_t = as_budget(eps, "eps", x_nat.shape[0], x_nat.device, check=check)
@@ -83,24 +93,8 @@ def _start(x_nat: Any, eps: Budget, norm: Any, generator: Any, seed: Any, backen
         return _math(x_nat, eps_t, generator)
 
 
-def random_start(x_nat: torch.Tensor, eps: Budget, norm: Norm | str = "Linf", generator: torch.Generator | None = None,
-                 *, seed: int | None = None, backend: Backend | str = "auto", check: bool = True) -> torch.Tensor:
-    """``clamp(x_nat + U(-eps, eps), 0, 1)``, same dtype and shape as ``x_nat``.
-
-    Args:
-        x_nat: (B, ...) floating tensor in [0, 1]. eps: a float, 0-d or per-sample [B] tensor; >= 0.
-        norm: ``"Linf"`` (the one threat model the kernels implement).
-        generator: the torch generator to draw from (the Triton path draws its seed from it).
-        seed: an explicit seed instead (the reference seeds a fresh generator with it). With neither,
-            torch's default generator: ``torch.manual_seed`` makes runs repeat.
-        backend: ``"auto"``, ``"triton"`` (on CPU only under ``TRITON_INTERPRET=1``) or ``"reference"``.
-        check: the value checks (eps >= 0 and finite, x_nat in [0, 1]); host syncs on CUDA.
-    """
-    return _start(x_nat, eps, norm, generator, seed, backend, check)
-
-
 def random_start_reference(x_nat: torch.Tensor, eps: Budget, norm: Norm | str = "Linf",
                            generator: torch.Generator | None = None, *, seed: int | None = None,
                            check: bool = True) -> torch.Tensor:
     """Pure-PyTorch :func:`random_start`, drawing from torch's RNG (``generator``, ``seed`` or the default)."""
-    return _start(x_nat, eps, norm, generator, seed, Backend.REFERENCE, check)
+    return random_start(x_nat, eps, norm, generator, seed=seed, backend=Backend.REFERENCE, check=check)
