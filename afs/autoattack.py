@@ -23,7 +23,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from afs_kernels import Choice, Norm
+from afs_kernels import Choice
 from afs.attacks import check_images, check_labels, eval_mode, model_device
 
 __all__ = ["AAVersion", "AutoAttackWarning", "AutoAttackResult", "autoattack"]
@@ -62,23 +62,16 @@ class _WarningBridge(logging.Handler):
 
 
 @contextlib.contextmanager
-def _aa_logging(verbose: bool) -> Iterator[None]:
-    # pyautoattack's logger for one evaluation: warnings -> AutoAttackWarning; progress -> stderr when verbose.
-    logger, old_level = logging.getLogger("auto-attack"), logging.getLogger("auto-attack").level
-    handlers: list[logging.Handler] = [_WarningBridge(logging.WARNING)]
-    if verbose:
-        stream = logging.StreamHandler()  # stderr
-        stream.addFilter(lambda r: r.levelno < logging.WARNING)  # warnings go through the bridge only
-        stream.setFormatter(logging.Formatter("[autoattack] %(message)s"))
-        handlers.append(stream)
-    logger.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    for h in handlers:
-        logger.addHandler(h)
+def _aa_warnings() -> Iterator[None]:
+    # pyautoattack's logger for one evaluation: its warnings become AutoAttackWarning, its progress is dropped.
+    logger, bridge = logging.getLogger("auto-attack"), _WarningBridge(logging.WARNING)
+    old_level = logger.level
+    logger.setLevel(logging.WARNING)
+    logger.addHandler(bridge)
     try:
         yield
     finally:
-        for h in handlers:
-            logger.removeHandler(h)
+        logger.removeHandler(bridge)
         logger.setLevel(old_level)
 
 
@@ -129,9 +122,9 @@ def _run_aa(aa: Any, x: torch.Tensor, y: torch.Tensor, only: list[str], batch_si
 
 
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float = 8 / 255,
-               norm: Norm | str = "Linf", version: AAVersion | str = "standard", attacks: Sequence[str] | None = None,
-               batch_size: int = 500, seed: int = 0, device: torch.device | str | None = None,
-               state_path: str | os.PathLike | None = None, verbose: bool = False) -> AutoAttackResult:
+               version: AAVersion | str = "standard", attacks: Sequence[str] | None = None, batch_size: int = 500,
+               seed: int = 0, device: torch.device | str | None = None,
+               state_path: str | os.PathLike | None = None) -> AutoAttackResult:
     """AutoAttack via ``pyautoattack``: robust accuracy and AutoAttack's *own* per-sample robust flags (its
     EvaluationState, not recomputed from adversarial examples, which a resume does not return and a
     randomised model could classify anew); its warnings are re-emitted as :class:`AutoAttackWarning`.
@@ -139,7 +132,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     Args:
         model: returns logits for [0, 1] images; in eval mode during the run, its modes restored after.
         x: float (N, C, H, W) in [0, 1] (any device; batches are moved to ``device``). y: int labels [N].
-        eps: one L-inf/L2 radius in (0, 1] (AutoAttack has no per-sample budgets).
+        eps: the L-inf radius, in (0, 1] (AutoAttack has no per-sample budgets).
         version: ``"standard"`` (the paper's protocol), ``"plus"``, ``"rand"`` or ``"custom"`` with
             ``attacks=[...]`` (e.g. ``["apgd-ce"]`` for a quick check).
         seed: fixed seed for every attack (pyautoattack's default is the wall clock); AutoAttack seeds
@@ -147,8 +140,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
         device: where the attacks run; default the model's parameters' device.
         state_path: a JSON file recording the progress (flags after every batch, finished attacks); called
             again with it, a run resumes: the attacks not finished run on the still-robust samples, a
-            finished evaluation returns its flags. It does not record eps/norm/seed: one file per setting.
-        verbose: stream AutoAttack's progress log to stderr.
+            finished evaluation returns its flags. It does not record eps or seed: one file per setting.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
@@ -161,7 +153,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     eps = float(eps)
     if not (math.isfinite(eps) and 0.0 < eps <= 1.0):  # eps = 0 is clean accuracy: evaluate(..., ("clean",))
         raise ValueError(f"eps must be finite, > 0 and <= 1.0 for AutoAttack (pixel units, e.g. 8/255), got {eps}")
-    norm_, version_ = Norm.parse(norm, "norm"), AAVersion.parse(version, "AutoAttack version")
+    version_ = AAVersion.parse(version, "AutoAttack version")
     if version_ is AAVersion.CUSTOM and not attacks:
         raise ValueError("version='custom' needs attacks=[...] (e.g. ['apgd-ce', 'apgd-t', 'fab-t', 'square'])")
     if version_ is not AAVersion.CUSTOM and attacks is not None:
@@ -182,7 +174,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     from pyautoattack import AutoAttack
 
     # The attack list of this version as pyautoattack defines it (a cheap object; nothing runs yet).
-    aa = AutoAttack(model, attacks=list(attacks) if attacks else None, device=dev, eps=eps, norm=norm_.value,
+    aa = AutoAttack(model, attacks=list(attacks) if attacks else None, device=dev, eps=eps, norm="Linf",
                     seed=seed, version=version_.value)
     order = list(aa.attacks_to_run)
     path = Path(state_path) if state_path is not None else None
@@ -199,7 +191,7 @@ def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float
     else:
         # AutoAttack calls torch.manual_seed: fork torch's CPU RNG (and the device's CUDA RNG) around it.
         cuda = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-        with eval_mode(model), _aa_logging(verbose), torch.random.fork_rng(devices=cuda):
+        with eval_mode(model), _aa_warnings(), torch.random.fork_rng(devices=cuda):
             if state is None:  # fresh: pyautoattack writes its progress straight into state_path
                 flags, clean = _run_aa(aa, x, y, order, batch_size, path)
             else:

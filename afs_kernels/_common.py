@@ -82,10 +82,9 @@ class Choice(str, Enum):
 
 
 class Norm(Choice):
-    """Threat model. The kernels implement L-inf (the paper's); AutoAttack also runs L2."""
+    """Threat model: the paper's L-inf, the one the kernels implement."""
 
     LINF = "Linf"  # ||delta||_inf <= eps, steps along sign(grad)
-    L2 = "L2"  # ||delta||_2 <= eps per sample
 
 
 class Backend(Choice):
@@ -94,12 +93,6 @@ class Backend(Choice):
     AUTO = "auto"  # Triton on CUDA tensors when Triton is importable, the reference otherwise
     TRITON = "triton"  # force the Triton kernel (on CPU only under TRITON_INTERPRET=1)
     REFERENCE = "reference"  # pure PyTorch
-
-
-def check_linf(norm: Any) -> None:
-    """The one threat model the kernels implement; any other is an error naming it."""
-    if Norm.parse(norm, "norm") is not Norm.LINF:
-        raise ValueError(f"the kernels implement the L-inf threat model only (the paper's), got norm={norm!r}")
 
 
 def choose_backend(backend: Any, tensor: torch.Tensor, kernel: Any) -> Backend:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import (BLOCK, Backend, Budget, Norm, as_budget, check_box, check_linf, check_tensor, choose_backend,
+from ._common import (BLOCK, Backend, Budget, Norm, as_budget, check_box, check_tensor, choose_backend,
                       elementwise_args, launch_device, per_sample_view, tl, triton_jit)
 
 # Seeds drawn from a torch generator stay below 2**31 so Triton keeps one int32 kernel signature.
@@ -61,7 +61,7 @@ def random_start(x_nat: torch.Tensor, eps: Budget, norm: Norm | str = "Linf", ge
 
     Args:
         x_nat: (B, ...) floating tensor in [0, 1]. eps: a float, 0-d or per-sample [B] tensor; >= 0.
-        norm: ``"Linf"`` (the one threat model the kernels implement).
+        norm: ``"Linf"``, the one threat model (kept for callers that name it).
         generator: the torch generator to draw from (the Triton path draws its seed from it).
         seed: an explicit seed instead (the reference seeds a fresh generator with it). With neither,
             torch's default generator: ``torch.manual_seed`` makes runs repeat.
@@ -69,7 +69,7 @@ def random_start(x_nat: torch.Tensor, eps: Budget, norm: Norm | str = "Linf", ge
         check: the value checks (eps >= 0 and finite, x_nat in [0, 1]; host syncs on CUDA); metadata is
             always checked.
     """
-    check_linf(norm)
+    Norm.parse(norm, "norm")
     check_tensor(x_nat, "x_nat")
     eps_t = as_budget(eps, "eps", x_nat.shape[0], x_nat.device, check=check)
     if generator is not None and not isinstance(generator, torch.Generator):

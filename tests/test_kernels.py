@@ -278,8 +278,8 @@ def test_random_start_errors():
         random_start(x_nat, torch.full((5,), 0.1))
     with pytest.raises(ValueError, match="unknown norm 'Lmax'"):
         random_start(x_nat, 0.1, "Lmax")
-    with pytest.raises(ValueError, match="L-inf threat model only"):
-        random_start(x_nat, 0.1, Norm.L2)
+    with pytest.raises(ValueError, match="unknown norm 'L2'; valid: 'Linf'"):
+        random_start(x_nat, 0.1, "L2")  # the kernels implement the paper's L-inf threat model only
     assert torch.equal(random_start(x_nat, 0.1, "linf", seed=0), random_start(x_nat, 0.1, Norm.LINF, seed=0))
     with pytest.raises(TypeError, match="floating dtype"):
         random_start(torch.zeros(2, 3, dtype=torch.int64), 0.1)
