@@ -10,14 +10,14 @@ Eq. 4 of the paper (Madry et al.'s inner maximisation), as run here::
     x^0     = clamp(x + U(-eps, eps)^D, 0, 1)                                    (start="uniform")
     x^{t+1} = clamp(Proj_{B(x, eps)}(x^t + step_size * sign(grad_x L(f(x^t), y))), 0, 1)
 
-The start is drawn by :func:`afs_kernels.random_start` and every step runs in :func:`afs_kernels.pgd_loop`
-(eager or ``torch.compile``d): this module validates the inputs once per call, then calls the kernels
-without re-checking. ``step_size`` is PGD's step; Eq. 5's mixing weight alpha lives in :mod:`afs.merger`.
-
 ``start="authors"`` is the authors' release (DESIGN.md, "Standard PGD here"): a triangular start
 ``x + (U - U') * eps``, steps projected onto the ball only, and one clamp to [0, 1] after the loop.
 ``start="none"`` starts at ``x``; FGSM is ``PGD(model, eps, step_size=eps, steps=1, start="none")``.
 """
+
+# The start is drawn by afs_kernels.random_start and every step runs in afs_kernels.pgd_loop (eager or
+# torch.compile'd): this module validates the inputs once per call, then calls the kernels without
+# re-checking. step_size is PGD's step; Eq. 5's mixing weight alpha lives in afs.merger.
 
 from __future__ import annotations
 
@@ -55,26 +55,23 @@ class Loss(Choice):
 
 
 def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """CW margin summed over the batch: ``sum_i max_{j != y_i} z_ij - z_i,y_i`` (> 0 iff misclassified).
-
-    Unlike cross-entropy it does not saturate on confident logits, so a model whose CE gradients vanish
-    (one sign of gradient masking) still gives PGD a direction."""
+    """CW margin summed over the batch: ``sum_i max_{j != y_i} z_ij - z_i,y_i`` (> 0 iff misclassified)."""
+    # Unlike cross-entropy it does not saturate on confident logits, so a model whose CE gradients vanish
+    # (one sign of gradient masking) still gives PGD a direction.
     z = logits.float()
     true = z.gather(1, y[:, None]).squeeze(1)  # (B,)
     other = z.masked_fill(F.one_hot(y, z.shape[1]).bool(), float("-inf")).amax(1)  # (B,)
     return (other - true).sum()
 
 
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Model mode and device: the one helper of each for the whole library
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """``model`` in eval mode inside the block; every submodule's own flag restored afterwards.
-
-    Per submodule, not ``model.train(previous)``: a stack in training has frozen extractors in eval mode
-    and a merger in train mode, and must come back that way (also when the block raises).
-    """
+    """``model`` in eval mode inside the block; every submodule's own flag restored afterwards."""
+    # Per submodule, not model.train(previous): a stack in training has frozen extractors in eval mode and
+    # a merger in train mode, and must come back that way (also when the block raises).
     flags = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
@@ -94,17 +91,16 @@ def model_device(model: nn.Module) -> torch.device:
 
 
 def on_model_device(model: nn.Module, *tensors: torch.Tensor) -> Any:
-    """``tensors`` moved to ``model``'s device: THE place where data meets a model (evaluation, analysis,
-    notebooks). One tensor in, one out; several in, a tuple. Attacks do not move data: a mismatch there
-    is the caller's bug and an error."""
-    dev = model_device(model)
-    moved = tuple(t.to(dev, non_blocking=True) for t in tensors)
+    """``tensors`` moved to ``model``'s device (one in, one out; several in, a tuple)."""
+    # THE place where data meets a model (evaluation, analysis, notebooks). Attacks do not move data: a
+    # mismatch there is the caller's bug and an error.
+    moved = tuple(t.to(model_device(model), non_blocking=True) for t in tensors)
     return moved[0] if len(moved) == 1 else moved
 
 
-# --------------------------------------------------------------------------------------------------------
-# Input checks (also used by afs.evaluation): each names the problem, before any work
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
+# Input checks (also used by afs.evaluation and afs.autoattack): each names the problem, before any work
+# ------------------------------------------------------------------------------------------------------------
 def check_images(x: Any, name: str = "x") -> torch.Tensor:
     """A float (B, C, H, W) tensor with values in [0, 1], else a TypeError/ValueError naming the problem."""
     if not isinstance(x, torch.Tensor):
@@ -118,17 +114,17 @@ def check_images(x: Any, name: str = "x") -> torch.Tensor:
     if x.dim() != 4:
         raise ValueError(f"{name} must be a 4-D image batch (B, C, H, W), got shape {tuple(x.shape)}")
     if x.numel() > 0:
-        lo, hi = torch.aminmax(x.detach())  # one reduction (a host sync on CUDA), once per call
-        if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+        lo, hi = (v.item() for v in torch.aminmax(x.detach()))  # one reduction (a host sync on CUDA)
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError(f"{name} contains non-finite values (NaN or Inf)")
-        if lo.item() < 0 or hi.item() > 1:
-            raise ValueError(f"{name} must lie in the [0, 1] pixel box, got values in [{lo.item():.4g}, "
-                             f"{hi.item():.4g}] (attacks work on unnormalised pixels; put any mean/std "
-                             "normalisation inside the model)")
+        if lo < 0 or hi > 1:
+            raise ValueError(f"{name} must lie in the [0, 1] pixel box, got values in [{lo:.4g}, {hi:.4g}] "
+                             "(attacks work on unnormalised pixels; put any mean/std normalisation inside the model)")
     return x
 
 
-def check_labels(y: Any, batch: int, device: torch.device, n_classes: int | None = None, name: str = "y") -> torch.Tensor:
+def check_labels(y: Any, batch: int, device: torch.device, n_classes: int | None = None,
+                 name: str = "y") -> torch.Tensor:
     """Integer class labels of shape [batch] on ``device``, in [0, n_classes); returned as int64."""
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor of int64 labels, got {type(y).__name__}")
@@ -138,86 +134,72 @@ def check_labels(y: Any, batch: int, device: torch.device, n_classes: int | None
         raise ValueError(f"{name} must have shape [B]=[{batch}] to match the images, got {tuple(y.shape)}")
     if y.device != device:
         raise ValueError(f"device mismatch: {name} is on {y.device}, the images on {device}")
-    y = y.long()
+    y = y.long()  # what cross_entropy and gather index with
     if batch > 0:
-        lo, hi = torch.aminmax(y)
-        if lo.item() < 0:
-            raise ValueError(f"{name} has a negative label ({lo.item()}); labels are class indices >= 0")
-        if n_classes is not None and hi.item() >= n_classes:
-            raise ValueError(f"{name} has label {hi.item()} but the model outputs {n_classes} classes")
+        lo, hi = (v.item() for v in torch.aminmax(y))
+        if lo < 0:
+            raise ValueError(f"{name} has a negative label ({lo}); labels are class indices >= 0")
+        if n_classes is not None and hi >= n_classes:
+            raise ValueError(f"{name} has label {hi} but the model outputs {n_classes} classes")
     return y
 
 
 def _check_budget(value: Any, name: str, upper: float | None) -> Budget:
-    """A number, or a 0-d/[B] float tensor, finite, >= 0 and <= ``upper`` (the [B] shape is checked per call)."""
+    # A number, or a 0-d/[B] float tensor, finite, >= 0 and <= upper (the [B] shape is checked per call).
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float or a per-sample tensor of shape [B], got {type(value).__name__}")
-    bound = f" and <= {upper}" if upper is not None else ""
-    if not isinstance(value, torch.Tensor):
-        if not math.isfinite(value) or value < 0 or (upper is not None and value > upper):
-            raise ValueError(f"{name} must be finite, >= 0{bound} (pixel units, e.g. 8/255), got {value}")
-        return float(value)
-    if not value.is_floating_point() or value.dim() > 1:
+    if isinstance(value, torch.Tensor) and (not value.is_floating_point() or value.dim() > 1):
         raise ValueError(f"{name} as a tensor must be a float 0-d or per-sample [B] tensor, got dtype "
                          f"{value.dtype}, shape {tuple(value.shape)}")
-    t = value.detach().float()
-    bad = ~torch.isfinite(t) | (t < 0) | (t > upper if upper is not None else False)
-    if t.numel() > 0 and bool(bad.any()):
-        raise ValueError(f"{name} must be finite, >= 0{bound}; got values in [{t.min().item()}, {t.max().item()}]")
-    return t
+    t = value.detach().float() if isinstance(value, torch.Tensor) else torch.tensor(float(value), dtype=torch.float64)
+    if t.numel() > 0 and bool((~torch.isfinite(t) | (t < 0) | (t > (math.inf if upper is None else upper))).any()):
+        bound = f" and <= {upper}" if upper is not None else ""
+        raise ValueError(f"{name} must be finite, >= 0{bound} (pixel units, e.g. 8/255), got values in "
+                         f"[{t.min().item()}, {t.max().item()}]")
+    return t if isinstance(value, torch.Tensor) else float(value)
 
 
 def _fmt_budget(v: Budget) -> str:
-    """``0.0314 (8/255)`` for numbers, a short summary for per-sample tensors."""
+    # ``0.0314 (8/255)`` for numbers, a short summary for per-sample tensors.
     if isinstance(v, torch.Tensor):
-        return f"tensor[{v.numel()}]" if v.numel() == 0 else \
-            f"tensor[{v.numel()}] in [{v.min().item():.4f}, {v.max().item():.4f}]"
+        return f"tensor[{v.numel()}]" + (f" in [{v.min().item():.4f}, {v.max().item():.4f}]" if v.numel() else "")
     return f"{v:.4f} ({round(v * 255, 3):g}/255)"
 
 
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # PGD
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 class PGD:
-    """L-inf projected gradient ascent on the loss (Eq. 4), in [0, 1] pixel space.
+    """L-inf projected gradient ascent on the loss (Eq. 4), in [0, 1] pixel space (arguments below)."""
 
-    Args:
-        model: any ``nn.Module`` mapping (B, C, H, W) images in [0, 1] to logits (B, K), a whole
-            ``StackedModel`` included (attacks on AFS target the stack, Section III).
-        eps: the ball's radius; a number in [0, 1] or a per-sample tensor [B]. Paper: 8/255.
-        step_size: PGD's step (a number or a [B] tensor). Paper: 2/255.
-        steps: gradient steps (0: the start itself).
-        start: ``"uniform"`` (standard), ``"none"`` (from ``x``) or ``"authors"`` (see the module text).
-        restarts: independent random starts; per sample the worst final iterate is kept (misclassified
-            beats correct; among equals the higher cross-entropy wins).
-        loss: ``"ce"`` (the paper's) or ``"margin"`` (:func:`margin_loss`).
-        compile: ``torch.compile`` each step: ``True`` (Inductor) or a dict of ``torch.compile`` options
-            (tests use ``{"backend": "aot_eager"}``); the same attack within float noise
-            (``afs_kernels.COMPILED_PIXEL_TOLERANCE``). The profiles set it from ``Profile.compile_attacks``.
-
-    The model is in eval mode during the attack (every submodule's mode restored afterwards, also on an
-    exception); gradients are taken w.r.t. the input only, so no parameter gets a ``.grad``.
-    """
-
+    # model: any nn.Module mapping (B, C, H, W) images in [0, 1] to logits (B, K), a whole StackedModel
+    #     included (attacks on AFS target the stack, Section III).
+    # eps: the ball's radius, a number in [0, 1] or a per-sample tensor [B] (Table VI). Paper: 8/255.
+    # step_size: PGD's step (a number or a [B] tensor). Paper: 2/255.
+    # steps: gradient steps (0: the start itself).
+    # start: "uniform" (standard), "none" (from x) or "authors" (see the module text).
+    # restarts: independent random starts; per sample the worst final iterate is kept.
+    # loss: "ce" (the paper's) or "margin" (margin_loss).
+    # compile: torch.compile each step, True (Inductor) or a dict of torch.compile options: the same attack
+    #     within afs_kernels.COMPILED_PIXEL_TOLERANCE (the profiles set it from Profile.compile_attacks).
     def __init__(self, model: nn.Module, eps: Budget = 8 / 255, step_size: Budget = 2 / 255, steps: int = 10, *,
                  start: Start | str = "uniform", restarts: int = 1, loss: Loss | str = "ce",
                  compile: bool | dict[str, Any] = False) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
-        if isinstance(restarts, bool) or not isinstance(restarts, int) or restarts < 1:
-            raise ValueError(f"restarts must be an int >= 1, got {restarts!r}")
+        for name, value, low in (("steps", steps, 0), ("restarts", restarts, 1)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
         self.start = Start.parse(start, "start")
         if restarts > 1 and self.start is Start.NONE:
             raise ValueError("restarts > 1 needs a random start: from start='none' every restart is identical")
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile must be True/False or a dict of torch.compile options, got {compile!r}")
-        self.model, self.steps, self.restarts = model, steps, restarts
+        self.model, self.steps, self.restarts, self.compile = model, steps, restarts, compile
         self.eps, self.step_size = _check_budget(eps, "eps", 1.0), _check_budget(step_size, "step_size", None)
         self.loss = Loss.parse(loss, "loss")
-        self.compile = compile
-        self._classes: tuple[nn.Module, int] | None = None  # (model probed, its class count)
+        # (model probed, its class count): the label range check probes each model once, not every call.
+        self._classes: tuple[nn.Module, int] | None = None
 
     def __repr__(self) -> str:
         return (f"PGD(eps={_fmt_budget(self.eps)}, step_size={_fmt_budget(self.step_size)}, steps={self.steps}, "
@@ -226,16 +208,15 @@ class PGD:
     def __call__(self, x: torch.Tensor, y: torch.Tensor, *, seed: int | None = None,
                  start_from: torch.Tensor | None = None) -> torch.Tensor:
         """Adversarial examples for ``(x, y)``: ``x``'s shape, dtype and device, in [0, 1] and the eps-ball.
-
-        seed: seeds one ``torch.Generator`` on the data's device for this call, so the call repeats
-            exactly (``None``: torch's global RNG).
-        start_from: the first iterate instead of a random start (one restart only). The loop is a function
-            of its current iterate, so PGD-10's output plus 10 more steps *is* PGD-20 from the same start,
-            bit for bit: ``afs.evaluation.evaluate`` runs PGD-10 and PGD-20 as one 20-step chain this way.
-        """
+        ``seed`` seeds one generator on the data's device (``None``: torch's global RNG); ``start_from`` is
+        the first iterate instead of a random start (one restart only)."""
+        # start_from: the loop is a function of its current iterate, so PGD-10's output plus 10 more steps
+        # *is* PGD-20 from the same start, bit for bit; afs.evaluation runs PGD-10 and PGD-20 as one chain.
+        # Every check runs here, once per call; the kernels below are called with check=False.
         x = check_images(x).detach()
         y = check_labels(y, x.shape[0], x.device)
         eps, step_size = self._budget(self.eps, "eps", x), self._budget(self.step_size, "step_size", x)
+        # Attacks do not move data (on_model_device does): a model elsewhere is the caller's bug.
         first = next(self.model.parameters(), None)
         if first is not None and first.device != x.device:
             raise ValueError(f"device mismatch: the model's parameters are on {first.device}, the images on {x.device}")
@@ -250,8 +231,10 @@ class PGD:
                                  f"{tuple(start_from.shape)} on {start_from.device}")
         if torch.is_inference_mode_enabled():
             raise RuntimeError("PGD needs autograd for the input gradient; call it outside torch.inference_mode()")
-        if x.shape[0] == 0:
+        if x.shape[0] == 0:  # an empty batch: nothing to attack, and no probe of the model
             return x.clone()
+        # Eval mode during the attack (every submodule's mode restored afterwards, also on an exception);
+        # gradients are taken w.r.t. the input only, so no parameter gets a .grad.
         with eval_mode(self.model):
             check_labels(y, x.shape[0], x.device, n_classes=self._n_classes(x))
             # One generator per call, on the data's device: a seed fixes every draw of every restart.
@@ -259,14 +242,16 @@ class PGD:
             best = best_loss = best_wrong = None
             for _ in range(self.restarts):
                 x0 = self._start(x, eps, gen) if start_from is None else start_from
+                # Eq. 4's steps; the authors' variant projects onto the ball only and clamps once at the end.
                 x_adv = afs_kernels.pgd_loop(
-                    self.model, x, y, x0, eps, step_size, self.steps, "Linf",
+                    self.model, x, y, x0, eps, step_size, self.steps,
                     clamp_box_each_step=self.start is not Start.AUTHORS,
                     loss_fn=margin_loss if self.loss is Loss.MARGIN else None,
                     compile=None if self.compile is False else ({} if self.compile is True else self.compile),
-                    check=False)  # checked above, once
+                    check=False)
                 if self.restarts == 1:
                     return x_adv
+                # Restarts: score each final iterate by misclassification, then by cross-entropy.
                 with torch.no_grad():
                     logits = self.model(x_adv).float()
                     ce, wrong = F.cross_entropy(logits, y, reduction="none"), logits.argmax(1) != y  # (B,) each
@@ -281,15 +266,13 @@ class PGD:
 
     @staticmethod
     def _budget(value: Budget, name: str, x: torch.Tensor) -> Budget:
-        """A per-sample budget must have x's batch size and lives on x's device."""
-        if isinstance(value, torch.Tensor):
-            if value.dim() == 1 and value.shape[0] != x.shape[0]:
-                raise ValueError(f"per-sample {name} must have shape [B]=[{x.shape[0]}], got {tuple(value.shape)}")
-            return value.to(x.device)
-        return value
+        # A per-sample budget must have x's batch size and lives on x's device.
+        if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] != x.shape[0]:
+            raise ValueError(f"per-sample {name} must have shape [B]=[{x.shape[0]}], got {tuple(value.shape)}")
+        return value.to(x.device) if isinstance(value, torch.Tensor) else value
 
     def _n_classes(self, x: torch.Tensor) -> int:
-        """The model's class count, from a one-sample probe once per model (training calls PGD every batch)."""
+        # The model's class count, from a one-sample probe once per model (training calls PGD every batch).
         if self._classes is None or self._classes[0] is not self.model:
             with torch.no_grad():
                 probe = self.model(x[:1])
@@ -303,7 +286,7 @@ class PGD:
         if self.start is Start.NONE:
             return x.clone()
         if self.start is Start.UNIFORM:
-            # The fused kernel on CUDA (counter-based RNG seeded from gen), torch.rand(generator=gen) elsewhere.
+            # Eq. 4's x^0: the fused kernel on CUDA (counter-based RNG seeded from gen), torch.rand elsewhere.
             return afs_kernels.random_start(x, eps, "Linf", generator=gen, check=False)
         # The authors' start: the difference of two uniforms, triangular on [-eps, eps] (mean |delta| eps/3,
         # uniform's is eps/2), not clamped to the box (their loop clamps once, after the last step).

@@ -1,9 +1,7 @@
 """The robustness audit (notebook 08): is the stack's robustness real, or gradient masking?
 
-Carlini et al.'s checklist, the parts a stacked model needs, run on the audit subset for the default
-stack and its most robust member through a `afs.pipeline.Pipeline` (its cache, seeds and precision):
-transfer attacks, an eps sweep to 64/255, stronger PGD, the CW margin loss, AutoAttack's own flags and
-an fp32-crafted PGD-20. Each check becomes a verdict in `afs.evidence` (``which="audit"``).
+Carlini et al.'s checklist, the parts a stacked model needs, run through a `afs.pipeline.Pipeline` (its
+cache, seeds and precision); each check becomes a verdict in `afs.evidence` (``which="audit"``).
 """
 
 from __future__ import annotations
@@ -34,8 +32,7 @@ def audit_attacks(profile: Profile) -> dict[str, str]:
 
 
 def run_audit(pipe: Pipeline, default: Sequence[int]) -> dict[str, Any]:
-    """Is the stack's robustness real or gradient masking? On the audit subset, for the default stack
-    and its most robust member (Carlini et al.'s checklist, the parts a stacked model needs):
+    """The checklist on the audit subset, for the default stack and its most robust member:
 
     (a) PGD-20 crafted on each member and on the logit ensemble, scored on the stack (transfer);
     (b) PGD-20 at growing eps up to 64/255 (step eps/4): accuracy must fall to about 0;
@@ -43,37 +40,30 @@ def run_audit(pipe: Pipeline, default: Sequence[int]) -> dict[str, Any]:
     (d) PGD-20 on the CW margin loss against PGD-20 on cross-entropy;
     (e) AutoAttack's own flags, from the Table IV runs;
     (f) PGD-20 crafted in fp32 against the reported PGD-20 (crafted under the profile's precision).
-    Results are cached per model in ``<stage>/eval_audit.{json,pt}`` (transfer in ``audit/``)."""
+    Results are cached per model in ``<stage>/eval_audit*.{json,pt}`` (transfer in ``audit/``)."""
     ev, p = pipe.profile.evaluation, pipe.profile
     b8 = pipe.robust_budget()
     stack_d = pipe.stack_dir(default, p.merger.alpha, p.merger.mode)
-    models = {"stack": (pipe.stack(default), stack_d), "member": (pipe.extractor(b8), pipe.extractor_dir(eps_from_budget(b8)))}
+    models = {"stack": (pipe.stack(default), stack_d),
+              "member": (pipe.extractor(b8), pipe.extractor_dir(eps_from_budget(b8)))}
     roles = audit_attacks(pipe.profile)
     out: dict[str, Any] = {"subset": "audit", "images": len(pipe.data.audit_index), "attacks": roles,
                            "eps_sweep_255": [8, *ev.audit_budgets], "models": {}, "transfer": {}}
     for who, (model, d) in models.items():
         acc = pipe.evaluate(model, d, ("clean", *roles.values()), subset="audit")
         rec = {"key": pipe.key(d), **{role: acc[name] for role, name in roles.items()}, "clean": acc["clean"]}
-        for b in ev.audit_budgets:
-            rec[f"eps{b}"] = _audit_eps(pipe, model, d, b)
+        for b in ev.audit_budgets:  # (b)
+            eps = eps_from_budget(b)
+            rec[f"eps{b}"] = _audit_pgd20(pipe, model, d, f"eps{b}", eps, eps / 4, pipe.craft_precision)
         # (f) the reported PGD-20 is crafted under the profile's precision (bf16 where the hardware has it)
         # and scored in fp32; the same attack crafted in fp32 must not be stronger.
         rec["pgd20_fp32"] = _audit_pgd20(pipe, model, d, "pgd20_fp32", ev.eps, ev.step_size, "fp32")
         out["models"][who] = rec
     # (a) transfer onto the stack, from each member and from the mean-of-logits ensemble.
-    stack = models["stack"][0]
-    sources = {f"#{b}": pipe.extractor(b) for b in default}
-    sources["ensemble"] = pipe.ensemble(default)
-    for name, src in sources.items():
-        out["transfer"][name] = _audit_transfer(pipe, stack, src, name)
+    sources = {**{f"#{b}": pipe.extractor(b) for b in default}, "ensemble": pipe.ensemble(default)}
+    out["transfer"] = {name: _audit_transfer(pipe, models["stack"][0], src, name) for name, src in sources.items()}
     out["autoattack_flags"] = {who: pipe.aa_flags(d) for who, (_, d) in models.items()}
     return out
-
-
-def _audit_eps(pipe: Pipeline, model: nn.Module, where: Path, budget: int) -> float:
-    """(b) PGD-20 at ``budget``/255 (step eps/4) on the audit subset, cached as attack ``eps<budget>``."""
-    eps = eps_from_budget(budget)
-    return _audit_pgd20(pipe, model, where, f"eps{budget}", eps, eps / 4, pipe.craft_precision)
 
 
 def _audit_pgd20(pipe: Pipeline, model: nn.Module, where: Path, name: str, eps: float, step_size: float,
@@ -107,16 +97,16 @@ def _audit_pgd20(pipe: Pipeline, model: nn.Module, where: Path, name: str, eps: 
 def _audit_transfer(pipe: Pipeline, target: nn.Module, source: nn.Module, name: str) -> float:
     """(a) Accuracy of ``target`` on PGD-20 examples crafted on ``source`` (the white-box run's seeds),
     cached in ``audit/transfer/eval_<name>.{json,pt}``, keyed by both models' weights."""
-    ev, d = pipe.profile.evaluation, pipe.root / "audit" / "transfer"
-    path, spath = d / f"eval_{name.strip('#')}.json", d / f"eval_{name.strip('#')}.pt"
+    ev, d, stem = pipe.profile.evaluation, pipe.root / "audit" / "transfer", name.strip("#")
+    path, spath = d / f"eval_{stem}.json", d / f"eval_{stem}.pt"
     with RunDir(d).lock():
         setting = pipe._setting(target, "audit", eps=ev.eps, step_size=ev.step_size,
                                 source=pipe._setting(source, "audit")["model"])
         if path.is_file() and spath.is_file() and read_json(path).get("setting") == setting:
-            pipe.reused.add(f"audit/transfer/{name.strip('#')} [audit]")
+            pipe.reused.add(f"audit/transfer/{stem} [audit]")
             return read_json(path)["accuracy"]
         x, y = pipe._subset("audit")
-        t0 = progress.begin("eval", f"audit/transfer/{name.strip('#')} [audit]")
+        t0 = progress.begin("eval", f"audit/transfer/{stem} [audit]")
         res = evaluate(target, x, y, ("pgd20",), eps=ev.eps, step_size=ev.step_size, batch_size=ev.batch_size,
                        seed=pipe.profile.seed, device=pipe.device, progress=False, craft_on=source,
                        craft_precision=pipe.craft_precision, compile=pipe.profile.compile_attacks)

@@ -1,4 +1,4 @@
-"""Shared pieces of ``afs_kernels``: the guarded Triton import, the enums, metadata checks, budgets, layouts.
+"""Shared pieces of ``afs_kernels``: the guarded Triton import, the enums, the input checks, the launch helpers.
 
 Import-safe: importing this never touches a GPU and works where Triton is missing (then only the
 pure-PyTorch references exist).
@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 from enum import Enum
-from typing import Any, Callable, Union
+from typing import Any, Callable, Sequence, Union
 
 import torch
 
@@ -29,6 +29,12 @@ except ImportError:  # pragma: no cover - only where triton is absent
     tl = _TlStub()  # type: ignore[assignment]
     HAS_TRITON = False
 
+# The Triton kernels compute in fp32 and write the input dtype; the references also take fp64.
+TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
+BLOCK = 1024  # elements per program of the elementwise kernels (PGD step, random start)
+Budget = Union[float, int, torch.Tensor]  # eps / step size: a number, a 0-d or a per-sample [B] tensor
+
 
 def triton_jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
     """``triton.jit`` (bare or with options) where Triton exists; else the plain function, never launched."""
@@ -38,11 +44,8 @@ def triton_jit(fn: Callable[..., Any] | None = None, **options: Any) -> Any:
 
 
 def launch_device(device: torch.device) -> Any:
-    """``torch.cuda.device(device)`` for a CUDA tensor's device, a no-op elsewhere.
-
-    A Triton launch starts on the *current* GPU; under torchrun, or with data on ``cuda:1`` while
-    ``cuda:0`` is current, that is not the GPU holding the data.
-    """
+    """``torch.cuda.device(device)`` for a CUDA tensor's device, a no-op elsewhere: a Triton launch starts on
+    the *current* GPU, which under torchrun (or with data on ``cuda:1``) is not the one holding the data."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
@@ -79,10 +82,9 @@ class Choice(str, Enum):
 
 
 class Norm(Choice):
-    """Threat model of a PGD step / random start."""
+    """Threat model: the paper's L-inf, the one the kernels implement."""
 
     LINF = "Linf"  # ||delta||_inf <= eps, steps along sign(grad)
-    L2 = "L2"  # ||delta||_2 <= eps per sample, steps along grad/||grad||_2
 
 
 class Backend(Choice):
@@ -93,39 +95,25 @@ class Backend(Choice):
     REFERENCE = "reference"  # pure PyTorch
 
 
-# The Triton kernels compute in fp32 and write the input dtype; the references also take fp64.
-TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
-# Floor for vector norms: a zero gradient (or perturbation) gives a zero move, not 0/0 = NaN.
-NORM_FLOOR = 1e-12
-Budget = Union[float, int, torch.Tensor]
-
-
 def choose_backend(backend: Any, tensor: torch.Tensor, kernel: Any) -> Backend:
     """Resolve ``backend`` to TRITON or REFERENCE for ``tensor``; a forced, impossible Triton is an error.
-
-    ``kernel`` is one of the op's jitted kernels: it tells whether Triton runs as the interpreter.
-    """
+    ``kernel`` is one of the op's jitted kernels: it tells whether Triton runs as the interpreter."""
     choice = Backend.parse(backend, "backend")
+    interpreted = is_interpreted(kernel)  # False without Triton
+    compiled = HAS_TRITON and not interpreted
     if choice is Backend.AUTO:
         # Never the interpreter (a test tool, far slower than torch), and the reference for fp64.
-        fast = HAS_TRITON and tensor.is_cuda and tensor.dtype in TRITON_DTYPES and not is_interpreted(kernel)
-        return Backend.TRITON if fast else Backend.REFERENCE
-    if choice is Backend.REFERENCE:
+        return Backend.TRITON if compiled and tensor.is_cuda and tensor.dtype in TRITON_DTYPES else Backend.REFERENCE
+    if choice is Backend.REFERENCE or (tensor.is_cuda and compiled) or (tensor.device.type == "cpu" and interpreted):
         return choice
-    if not HAS_TRITON:
-        raise ValueError("backend='triton' was requested but triton is not importable; use backend='auto' or 'reference'")
-    if tensor.is_cuda and is_interpreted(kernel):
-        raise ValueError("backend='triton' on CUDA tensors, but TRITON_INTERPRET=1 was set when afs_kernels was "
-                         "imported (the interpreter runs on CPU tensors); unset it or move the tensors to the CPU")
-    if tensor.is_cuda or (tensor.device.type == "cpu" and is_interpreted(kernel)):
-        return choice
-    raise ValueError(f"backend='triton' needs CUDA tensors (got device {tensor.device}); on CPU it runs only under "
-                     "TRITON_INTERPRET=1 set before afs_kernels is imported")
+    raise ValueError(f"backend='triton' runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 set before "
+                     f"afs_kernels is imported; got device {tensor.device} with triton "
+                     f"{'is not importable' if not HAS_TRITON else 'interpreted' if interpreted else 'compiled'}")
 
 
-def check_tensor(x: Any, name: str) -> torch.Tensor:
-    """A floating tensor with a leading batch dimension, else a TypeError/ValueError naming ``name``."""
+def check_tensor(x: Any, name: str, like: torch.Tensor | None = None, like_name: str = "") -> torch.Tensor:
+    """A floating tensor with a leading batch dimension (and ``like``'s shape, dtype and device, if given),
+    else a TypeError/ValueError naming the problem."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
@@ -134,19 +122,14 @@ def check_tensor(x: Any, name: str) -> torch.Tensor:
         raise TypeError(f"{name} has unsupported dtype {x.dtype}; supported: {list(REFERENCE_DTYPES)}")
     if x.dim() < 1:
         raise ValueError(f"{name} needs a leading batch dimension, got a 0-d tensor")
+    if like is not None:
+        if x.shape != like.shape:
+            raise ValueError(f"shape mismatch: {name} has shape {tuple(x.shape)}, {like_name} {tuple(like.shape)}")
+        if x.dtype != like.dtype:
+            raise TypeError(f"dtype mismatch: {name} is {x.dtype}, {like_name} is {like.dtype}")
+        if x.device != like.device:
+            raise ValueError(f"device mismatch: {name} is on {x.device}, {like_name} on {like.device}")
     return x
-
-
-def check_same(ref: torch.Tensor, ref_name: str, other: Any, name: str) -> torch.Tensor:
-    """``other`` is a tensor of ``ref``'s shape, dtype and device, else an error naming both."""
-    check_tensor(other, name)
-    if other.shape != ref.shape:
-        raise ValueError(f"shape mismatch: {name} has shape {tuple(other.shape)}, {ref_name} {tuple(ref.shape)}")
-    if other.dtype != ref.dtype:
-        raise TypeError(f"dtype mismatch: {name} is {other.dtype}, {ref_name} is {ref.dtype}")
-    if other.device != ref.device:
-        raise ValueError(f"device mismatch: {name} is on {other.device}, {ref_name} on {ref.device}")
-    return other
 
 
 def check_box(x: torch.Tensor, name: str) -> None:
@@ -158,9 +141,8 @@ def check_box(x: torch.Tensor, name: str) -> None:
 
 
 def as_budget(value: Any, name: str, batch: int, device: torch.device, *, check: bool) -> torch.Tensor:
-    """A budget (eps or step size: a number, a 0-d tensor or a per-sample [batch] tensor) as an fp32 tensor
-    of shape [] or [batch] on ``device``. ``check=True`` adds the value check (finite, >= 0), which for a
-    tensor costs a reduction and, on CUDA, a host sync: hot loops check once, then pass ``check=False``."""
+    """A budget as an fp32 tensor of shape [] or [batch] on ``device``. ``check=True`` adds the value check
+    (finite, >= 0), for a tensor a reduction and a host sync on CUDA: hot loops check once, then pass False."""
     if isinstance(value, bool) or not isinstance(value, (int, float, torch.Tensor)):
         raise TypeError(f"{name} must be a float, a 0-d tensor or a tensor of shape [B]; got {type(value).__name__}")
     if not isinstance(value, torch.Tensor):
@@ -185,18 +167,27 @@ def per_sample_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.reshape(t.shape + (1,) * (ndim - t.dim())) if t.dim() == 1 else t
 
 
-def flat_views(*tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
-    """Flat 1-D buffers of same-shaped tensors for a per-sample kernel, plus ``(out, out_flat)``.
+def elementwise_args(op: str, tensors: Sequence[torch.Tensor],
+                     budgets: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[Any], tuple[int]]:
+    """``(out, args, grid)`` for an elementwise kernel taking ``(*tensors, out, *budgets, n_elements,
+    per_sample, *budget_strides)``: flat buffers, element i belonging to sample ``i // per_sample``.
 
-    The kernels read sample b as one contiguous span of ``numel // B`` elements. That holds for row-major
-    and for channels_last 4-D tensors (batch outermost in both), so those are used in place and the output
-    keeps their format; anything else (a transposed or strided view, mixed layouts) is copied first.
+    That holds for row-major and channels_last 4-D tensors (batch outermost in both), so those are read in
+    place and ``out`` keeps their format; anything else (a strided view, mixed layouts) is copied first.
+    A budget is read through a stride: 0 for one shared value, 1 per sample.
     """
     first = tensors[0]
+    if first.dtype not in TRITON_DTYPES:
+        raise TypeError(f"the Triton {op} supports {list(TRITON_DTYPES)}, got {first.dtype}; use backend='reference'")
     if first.dim() == 4 and not first.is_contiguous() and all(
             t.is_contiguous(memory_format=torch.channels_last) for t in tensors):
         # NHWC in memory: permuting to (N, H, W, C) is a row-major view of the same storage.
         out = torch.empty_like(first, memory_format=torch.channels_last)
-        return [t.permute(0, 2, 3, 1).reshape(-1) for t in tensors], out, out.permute(0, 2, 3, 1).reshape(-1)
-    out = torch.empty_like(first, memory_format=torch.contiguous_format)
-    return [t.contiguous().view(-1) for t in tensors], out, out.view(-1)
+        flat = [t.permute(0, 2, 3, 1).reshape(-1) for t in (*tensors, out)]
+    else:
+        out = torch.empty_like(first, memory_format=torch.contiguous_format)
+        flat = [t.contiguous().view(-1) for t in tensors] + [out.view(-1)]
+    n = out.numel()
+    strides = [int(b.dim() == 1) for b in budgets]
+    args = [*flat, *(b.contiguous() for b in budgets), n, n // max(first.shape[0], 1), *strides]
+    return out, args, (triton.cdiv(n, BLOCK) if HAS_TRITON else 0,)

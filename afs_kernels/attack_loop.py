@@ -1,14 +1,15 @@
-"""THE PGD loop of the project, eager or ``torch.compile``d (:func:`pgd_loop`, ``compile=``).
+"""THE PGD loop of the project (Eq. 4), eager or ``torch.compile``d: :func:`pgd_loop`.
 
-``afs.attacks.PGD`` (and through it training, the merger and evaluation) runs every gradient step here;
-nobody else writes a PGD loop (the authors' release had three copies that drifted apart). The loop does
-not choose the start (pass ``x_start``, e.g. from :func:`random_start`) nor touch ``model.train()/eval()``.
-
-Gradients are taken w.r.t. the input only. Eager: ``torch.autograd.grad(loss, x)`` runs only the nodes on
-the path to ``x`` (a convolution's backward computes grad_input only) and never writes a ``.grad``.
-Compiled: ``torch.func.grad`` (traced by Dynamo without a graph break) with the parameters frozen for
-the call, so forward, input-gradient backward and update become one inference graph per step.
+``afs.attacks.PGD`` (and through it training, the merger and evaluation) runs every gradient step here.
 """
+
+# Nobody else writes a PGD loop: the authors' release had three copies that drifted apart. The loop does not
+# choose the start (pass ``x_start``, e.g. from ``random_start``) nor touch ``model.train()/eval()``.
+#
+# Gradients are taken w.r.t. the input only. Eager: ``torch.autograd.grad(loss, x)`` runs only the nodes on
+# the path to ``x`` (a convolution's backward computes grad_input only) and never writes a ``.grad``.
+# Compiled: ``torch.func.grad`` (traced by Dynamo without a graph break) with the parameters frozen for the
+# call, so forward, input-gradient backward and update become one inference graph per step.
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn.functional as F
 
-from ._common import Budget, Norm, as_budget, check_box, check_same, check_tensor
+from ._common import Budget, as_budget, check_box, check_tensor
 from .pgd_step import _dispatch, _math
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -34,17 +35,18 @@ COMPILED_PIXEL_TOLERANCE = 0.02
 
 
 def sum_cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the batch: per-sample gradients do not shrink as the batch grows
-    (sign and L2-normalisation are scale-free, but a mean over a big batch can underflow in bf16)."""
+    """Cross-entropy summed over the batch."""
+    # Summed, not averaged: per-sample gradients do not shrink as the batch grows (sign is scale-free, but a
+    # mean over a big batch can underflow in bf16).
     return F.cross_entropy(logits.float(), y, reduction="sum")
 
 
 def _prepare(model: Any, x_nat: Any, y: Any, x_start: Any, steps: Any, loss_fn: LossFn | None) -> None:
-    """The checks of one attack's inputs (run once per call, never per step; host syncs on CUDA)."""
+    # The checks of one attack's inputs: once per call, never per step (host syncs on CUDA).
     if not callable(model):
         raise TypeError(f"model must be callable (an nn.Module), got {type(model).__name__}")
     check_tensor(x_nat, "x_nat")
-    check_same(x_nat, "x_nat", x_start, "x_start")
+    check_tensor(x_start, "x_start", x_nat, "x_nat")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
         raise ValueError(f"steps must be an int >= 0, got {steps!r}")
     if not isinstance(y, torch.Tensor):
@@ -67,35 +69,29 @@ def _prepare(model: Any, x_nat: Any, y: Any, x_start: Any, steps: Any, loss_fn: 
 
 
 def pgd_loop(model: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor, y: torch.Tensor,
-             x_start: torch.Tensor, eps: Budget, step_size: Budget, steps: int, norm: Norm | str = "Linf", *,
-             clamp_box_each_step: bool = True, loss_fn: LossFn | None = None, compile: dict[str, Any] | None = None,
-             check: bool = True) -> torch.Tensor:
-    """Run ``steps`` PGD iterations from ``x_start``; return the final iterate (detached).
+             x_start: torch.Tensor, eps: Budget, step_size: Budget, steps: int, *, clamp_box_each_step: bool = True,
+             loss_fn: LossFn | None = None, compile: dict[str, Any] | None = None, check: bool = True) -> torch.Tensor:
+    """Run ``steps`` L-inf PGD iterations from ``x_start``; return the final iterate (detached).
 
-    Args:
-        model: maps (B, ...) inputs in [0, 1] to logits; its train/eval mode is left as the caller set it.
-        x_nat: clean inputs (B, ...) in [0, 1]. y: labels [B] (or whatever ``loss_fn`` takes).
-        x_start: the first iterate, same shape/dtype/device as ``x_nat``.
-        eps, step_size: floats, 0-d tensors or per-sample [B] tensors; >= 0.
-        steps: gradient steps (0 returns ``x_start``, box-clamped in the authors' variant).
-        clamp_box_each_step: ``True`` (standard): clamp to [0, 1] after every step. ``False`` (the authors'
-            variant): steps only project onto the eps-ball; the result is clamped once at the end.
-        loss_fn: ``loss_fn(logits, y) -> scalar`` to ascend; default :func:`sum_cross_entropy`.
-        compile: ``None`` (eager) or ``torch.compile`` options for the step (``{}``: Inductor; e.g.
-            ``{"backend": "aot_eager"}``, ``{"mode": "reduce-overhead", "dynamic": False}``); needs an
-            ``nn.Module``. Same attack within float noise (:data:`COMPILED_PIXEL_TOLERANCE`).
-        check: validate the inputs; ``False`` when the caller already did (``afs.attacks.PGD``).
+    model maps (B, ...) inputs in [0, 1] to logits (its train/eval mode is left as the caller set it); y: labels
+    [B] (or whatever ``loss_fn(logits, y) -> scalar`` takes; default :func:`sum_cross_entropy`); x_start: the
+    first iterate, like ``x_nat``; eps, step_size: floats, 0-d or per-sample [B] tensors, >= 0; steps = 0
+    returns ``x_start``. ``clamp_box_each_step=False`` is the authors' variant (see ``afs.attacks``).
+    compile: ``None`` (eager) or ``torch.compile`` options for the step (``{}``: Inductor, or e.g.
+    ``{"backend": "aot_eager"}``, ``{"mode": "reduce-overhead"}``); needs an ``nn.Module``.
+    check: validate the inputs; ``False`` when the caller already did (``afs.attacks.PGD``).
     """
     if check:
         _prepare(model, x_nat, y, x_start, steps, loss_fn)
-    norm_ = Norm.parse(norm, "norm")
     eps_t = as_budget(eps, "eps", x_nat.shape[0], x_nat.device, check=check)  # fp32 [] or [B]
     step_t = as_budget(step_size, "step_size", x_nat.shape[0], x_nat.device, check=check)
     loss = sum_cross_entropy if loss_fn is None else loss_fn
     x_nat = x_nat.detach()
     x = x_start.detach().clone()  # a fresh leaf, even from an inference-mode tensor
+    # Eq. 4, every step:  x^{t+1} = clamp(Proj_{B(x, eps)}(x^t + step_size * sign(grad_x L(f(x^t), y))), 0, 1)
+    # (the authors' variant skips the clamp inside the loop and clamps once after it).
     if compile is not None:
-        x = _compiled_loop(model, compile, loss, x, y, x_nat, eps_t, step_t, steps, norm_, clamp_box_each_step)
+        x = _compiled_loop(model, compile, loss, x, y, x_nat, eps_t, step_t, steps, clamp_box_each_step)
     else:
         with torch.enable_grad():  # callers often evaluate under no_grad; the input gradient needs autograd
             for _ in range(steps):
@@ -104,36 +100,33 @@ def pgd_loop(model: Callable[[torch.Tensor], torch.Tensor], x_nat: torch.Tensor,
                 (grad,) = torch.autograd.grad(loss(model(x), y), x, allow_unused=True)
                 if grad is None:
                     raise ValueError("the loss does not depend on the input x; cannot take a PGD step")
-                x = _dispatch(x.detach(), grad, x_nat, eps_t, step_t, norm_, clamp_box_each_step)
+                x = _dispatch(x.detach(), grad, x_nat, eps_t, step_t, clamp_box_each_step)
     if not clamp_box_each_step:
         x = x.clamp(0.0, 1.0)  # the authors' variant clamps to the box once, after the loop
     return x.detach()
 
 
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 # Compiled form
-# --------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------------------
 def _attack_step(model: torch.nn.Module, buffers: dict[str, torch.Tensor], loss_fn: LossFn, x: torch.Tensor,
-                 y: torch.Tensor, x_nat: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, norm: Norm,
+                 y: torch.Tensor, x_nat: torch.Tensor, eps: torch.Tensor, step: torch.Tensor,
                  clamp_box: bool) -> torch.Tensor:
-    """One PGD step as one traceable function: forward, input gradient, projected update.
-
-    ``eps``/``step`` are fp32 [B] tensors: data, not constants, so new budgets reuse the graph. The
-    buffers go in explicitly: ``torch.func.grad`` refuses in-place updates of captured tensors, which a
-    train-mode BatchNorm does to its running stats; as inputs they are allowed and land in the model's.
-    """
-
+    # One PGD step as one traceable function: forward, input gradient, projected update.
+    # eps/step are fp32 [B] tensors: data, not constants, so new budgets reuse the graph. The buffers go in
+    # explicitly: torch.func.grad refuses in-place updates of captured tensors, which a train-mode BatchNorm
+    # does to its running stats; as inputs they are allowed and land in the model's.
     def objective(x_in: torch.Tensor, bufs: dict[str, torch.Tensor]) -> torch.Tensor:
         return loss_fn(torch.func.functional_call(model, bufs, (x_in,), strict=False).float(), y)
 
     grad = torch.func.grad(objective)(x, buffers)  # argnums=0: w.r.t. the input only
-    return _math(x, grad, x_nat, eps, step, norm, clamp_box)
+    return _math(x, grad, x_nat, eps, step, clamp_box)
 
 
 @contextmanager
 def _frozen_parameters(model: torch.nn.Module) -> Iterator[None]:
-    """Every parameter ``requires_grad=False`` inside the block (restored after): the compiled step is then
-    an inference graph, with no weight gradients and no activations kept for a backward."""
+    # Every parameter requires_grad=False inside the block (restored after): the compiled step is then an
+    # inference graph, with no weight gradients and no activations kept for a backward.
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     try:
@@ -152,24 +145,20 @@ _COMPILED: weakref.WeakKeyDictionary[torch.nn.Module, dict[tuple[Any, ...], Call
 _COMPILED = weakref.WeakKeyDictionary()
 
 
-def _compiled_step(model: torch.nn.Module, options: dict[str, Any]) -> Callable[..., torch.Tensor]:
-    per_model = _COMPILED.setdefault(model, {})
-    key = tuple(sorted(options.items(), key=lambda kv: kv[0]))
-    if key not in per_model:
-        fn = _attack_step
-        copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        per_model[key] = torch.compile(copy, **options)
-    return per_model[key]
-
-
 def _compiled_loop(model: Any, options: dict[str, Any], loss: LossFn, x: torch.Tensor, y: torch.Tensor,
-                   x_nat: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, steps: int, norm: Norm,
+                   x_nat: torch.Tensor, eps: torch.Tensor, step: torch.Tensor, steps: int,
                    clamp_box: bool) -> torch.Tensor:
-    """The step loop with each step compiled; the Python loop stays outside, so ``steps`` never recompiles."""
+    # The step loop with each step compiled; the Python loop stays outside, so `steps` never recompiles.
     if not isinstance(model, torch.nn.Module) or not isinstance(options, dict):
         raise TypeError(f"compile needs an nn.Module and a dict of torch.compile options, got "
                         f"{type(model).__name__} and {type(options).__name__}")
-    fn = _compiled_step(model, options)
+    per_model = _COMPILED.setdefault(model, {})
+    key = tuple(sorted(options.items(), key=lambda kv: kv[0]))
+    if key not in per_model:
+        f = _attack_step
+        code = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+        per_model[key] = torch.compile(code, **options)
+    fn = per_model[key]
     batch = x.shape[0]
     eps_b, step_b = eps.expand(batch).contiguous(), step.expand(batch).contiguous()  # (B,): one graph for both
     cudagraphs = "reduce-overhead" in str(options.get("mode"))
@@ -178,7 +167,7 @@ def _compiled_loop(model: Any, options: dict[str, Any], loss: LossFn, x: torch.T
         for _ in range(steps):
             if cudagraphs:
                 torch.compiler.cudagraph_mark_step_begin()
-            x = fn(model, buffers, loss, x, y, x_nat, eps_b, step_b, norm, clamp_box)
+            x = fn(model, buffers, loss, x, y, x_nat, eps_b, step_b, clamp_box)
             if cudagraphs:
                 x = x.clone()  # a CUDA-graph output is overwritten by the next replay
     return x

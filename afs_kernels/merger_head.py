@@ -1,24 +1,23 @@
 """The stack's merger head, fused: each member's final BN + ReLU + global average pool, concat, and the linear
-merger (Eq. 1-2), with the backward to the feature maps (the attack's path) and to the merger weights."""
+merger (Eq. 1-2), with the backward to the feature maps (the attack's path) and to the merger weights.
 
-# Order: Triton kernels -> launchers -> autograd.Function -> merger_head -> merger_head_reference (CPU path).
-# What it computes, for n members with pre-BN feature maps F_i (B, C_i, H_i, W_i) (``feature_map(x)``) and
-# their final eval-mode BN folded into a per-channel affine (scale_i = gamma_i / sqrt(running_var_i + eps),
+Order: Triton kernels -> launchers -> autograd.Function -> merger_head -> merger_head_reference (CPU path).
+"""
+
+# For n members with pre-BN feature maps F_i (B, C_i, H_i, W_i) (``feature_map(x)``) and their final
+# eval-mode BN folded into a per-channel affine (scale_i = gamma_i / sqrt(running_var_i + eps),
 # shift_i = beta_i - running_mean_i * scale_i):
 #   p_i[b, c] = mean_{h,w} relu(scale_i[c] * F_i[b, c, h, w] + shift_i[c])    (B, C_i): g_i(x), Eq. 2
 #   logits    = concat_i(p_i) @ W^T + bias                                     (B, K): Eq. 1
-# Why fuse: unfused, eager torch makes ~5 passes over the network's largest activations (BN, ReLU, pool; 42 MB
-# per WRN-28-10 member at B=512 in bf16); the kernel reads each map once and never writes it.
-# Work split: the maps are separate tensors with their own shapes and strides, so the forward launches one
-# grid per member, a program per (sample, channel block); each writes its pooled features (fp32, kept for
-# dW) and a partial logit vector over its channels, and one torch sum over the partials finishes the linear
-# layer. No atomics, so results are deterministic run to run.
-# Backward, for G = dL/dlogits (B, K):
+# Why fuse: eager torch makes ~5 passes over the network's largest activations (42 MB per WRN-28-10 member
+# at B=512 in bf16); the kernel reads each map once and never writes it. One grid per member (the maps have
+# their own shapes and strides), a program per (sample, channel block) writing its pooled features (fp32,
+# kept for dW) and a partial logit vector; one torch sum over the partials ends the linear layer. No
+# atomics: deterministic run to run. Backward, for G = dL/dlogits (B, K):
 #   dL/dp[b, j]      = sum_k G[b, k] W[k, j]                                    (B, sum C_i)
 #   dL/dF_i[b,c,h,w] = dL/dp[b, off_i + c] / (H_i W_i) * scale_i[c] * [scale_i[c] F_i + shift_i[c] > 0]
-#   dL/dW = G^T @ concat_i(p_i) (a cuBLAS GEMM on the saved pooled features),  dL/db = sum_b G[b, :]
-# No gradient reaches the BNs (the members are frozen); no double backward. The kernels compute in fp32 and
-# return the feature maps' dtype.
+#   dL/dW = G^T @ concat_i(p_i) (a GEMM on the saved pooled features),  dL/db = sum_b G[b, :]
+# No gradient reaches the BNs (the members are frozen); no double backward. fp32 inside, F's dtype out.
 
 from __future__ import annotations
 
@@ -28,8 +27,6 @@ import torch
 from torch import nn
 
 from ._common import TRITON_DTYPES, Backend, choose_backend, launch_device, tl, triton, triton_jit
-
-__all__ = ["merger_head", "merger_head_reference"]
 
 # A program holds a (BLOCK_C x BLOCK_HW) feature tile and a (BLOCK_K x BLOCK_C) weight tile in registers;
 # 4096 feature elements keep register pressure moderate at 4 warps. WRN-28-10's 8x8 maps: BLOCK_HW = 64,

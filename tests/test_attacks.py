@@ -439,7 +439,7 @@ def test_autoattack_bad_arguments(net):
         autoattack(net, x, y, seed=None)
     with pytest.raises(ValueError, match="attacks="):
         autoattack(net, x, y, version="custom")
-    with pytest.raises(ValueError, match="only used with version='custom'"):
+    with pytest.raises(ValueError, match="only used with version=.custom."):
         autoattack(net, x, y, attacks=["apgd-ce"])
     with pytest.raises(ValueError, match="unknown AutoAttack attack"):
         autoattack(net, x, y, version="custom", attacks=["pgd"])

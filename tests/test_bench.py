@@ -40,8 +40,7 @@ ENV_FIELDS = {"date", "torch", "triton", "python", "device_type", "git_sha"}
 EXPECTED = {
     "pgd": {"authors_eager_fp32", "ours_eager_fp32", "compiled_bf16_channels_last"},
     "stack": {"loop"},
-    "pgd_step": {"copy", "eager_torch_Linf", "eager_torch_L2"}
-    | ({"fused_triton_Linf", "fused_triton_L2"} if INTERPRET else set()),
+    "pgd_step": {"copy", "eager_torch_Linf"} | ({"fused_triton_Linf"} if INTERPRET else set()),
     "at_epoch": {"authors_eager_fp32", "compiled_bf16_channels_last"},
     "merger_head": {f"{c}_{m}" for c in ("unfused_eager", "unfused_compiled") + (("fused_triton",) if INTERPRET else ())
                     for m in ("forward", "forward_backward")},

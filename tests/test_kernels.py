@@ -24,19 +24,18 @@ TRITON_OK = HAS_TRITON and (INTERPRET or DEVICE.type == "cuda")
 needs_triton = pytest.mark.skipif(not TRITON_OK, reason="Triton needs CUDA or TRITON_INTERPRET=1")
 
 SHAPES = [(3, 3, 5, 7), (1, 3, 32, 32), (5, 1, 1, 1)]
-NORMS = ["Linf", "L2"]
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10}
 
 
-def _inputs(shape, dtype=torch.float32, seed=0, zero_grad_sample=True):
-    """x_nat in [0,1], an iterate near it, and a gradient with a few exact zeros (and one all-zero sample)."""
+def _inputs(shape, dtype=torch.float32, seed=0):
+    """x_nat in [0,1], an iterate near it, and a gradient with a few exact zeros (sign(0) = 0: no move)."""
     gen = torch.Generator().manual_seed(seed)
     x_nat = torch.rand(shape, generator=gen)
     x_adv = (x_nat + 0.03 * torch.randn(shape, generator=gen)).clamp(0, 1)
     grad = torch.randn(shape, generator=gen)
-    grad[torch.rand(shape, generator=gen) < 0.1] = 0.0  # sign(0) = 0: no L-inf move on those pixels
-    if zero_grad_sample and shape[0] > 1:
-        grad[-1] = 0.0  # L2: ||g|| = 0 must give no move, not NaN
+    grad[torch.rand(shape, generator=gen) < 0.1] = 0.0
+    if shape[0] > 1:
+        grad[-1] = 0.0  # an all-zero sample: no move at all
     return tuple(t.to(device=DEVICE, dtype=dtype) for t in (x_adv, grad, x_nat))
 
 
@@ -50,16 +49,10 @@ def _budget(kind, batch, value):
     return per
 
 
-def _per_sample(v, batch):
-    """A budget as a float64 [B] tensor on the CPU, for property checks."""
-    return torch.as_tensor(v, dtype=torch.float64).cpu().expand(batch)
-
-
-def _assert_in_ball_and_box(x, x_nat, eps, norm, tol=1e-6, box=True):
-    delta = (x.double() - x_nat.double()).cpu().reshape(x.shape[0], -1)
-    eps_b = _per_sample(eps, x.shape[0])
-    size = delta.abs().amax(dim=1) if norm == "Linf" else torch.linalg.vector_norm(delta, dim=1)
-    assert bool((size <= eps_b * (1 + tol) + tol).all()), f"outside the {norm} ball: {size} > {eps_b}"
+def _assert_in_ball_and_box(x, x_nat, eps, tol=1e-6, box=True):
+    size = (x.double() - x_nat.double()).cpu().reshape(x.shape[0], -1).abs().amax(dim=1)
+    eps_b = torch.as_tensor(eps, dtype=torch.float64).cpu().expand(x.shape[0])
+    assert bool((size <= eps_b * (1 + tol) + tol).all()), f"outside the L-inf ball: {size} > {eps_b}"
     if box:
         assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0, "outside the [0, 1] box"
 
@@ -79,32 +72,20 @@ def _assert_ulp_close(a, b, ulps=1):
 # --------------------------------------------------------------------------------------------------------
 @needs_triton
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("norm", NORMS)
-@pytest.mark.parametrize("budget", ["float", "per_sample"])
-def test_pgd_step_triton_matches_reference_fp32(shape, norm, budget):
+@pytest.mark.parametrize("budget", ["float", "scalar", "per_sample"])
+def test_pgd_step_triton_matches_reference_fp32(shape, budget):
     x_adv, grad, x_nat = _inputs(shape)
-    eps = _budget(budget, shape[0], 0.5 if norm == "L2" else 8 / 255)
-    step = _budget(budget, shape[0], 0.2 if norm == "L2" else 2 / 255)
-    out = pgd_step(x_adv, grad, x_nat, eps, step, norm, backend="triton")
-    ref = pgd_step_reference(x_adv, grad, x_nat, eps, step, norm)
+    eps, step = _budget(budget, shape[0], 8 / 255), _budget(budget, shape[0], 2 / 255)
+    out = pgd_step(x_adv, grad, x_nat, eps, step, backend="triton")
+    ref = pgd_step_reference(x_adv, grad, x_nat, eps, step)
     assert out.shape == x_adv.shape and out.dtype == x_adv.dtype and not out.requires_grad
-    if norm == "Linf":
-        assert torch.equal(out, ref)  # same fp32 ops in the same order: bit-exact
-    else:
-        torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-7)
-    _assert_in_ball_and_box(out, x_nat, eps, norm)
-    if norm == "L2" and shape[0] > 1:
-        # Zero gradient on the last sample: no move, only the projection of x_adv (finite, no NaN).
-        eps_last = _per_sample(eps, shape[0])[-1].item()
-        ref_last = pgd_step_reference(x_adv[-1:], grad[-1:], x_nat[-1:], eps_last, 0.0, norm)
-        torch.testing.assert_close(out[-1:], ref_last, rtol=1e-6, atol=1e-7)
-        assert bool(torch.isfinite(out).all())
+    assert torch.equal(out, ref)  # same fp32 ops in the same order: bit-exact
+    _assert_in_ball_and_box(out, x_nat, eps)
 
 
 @needs_triton
-@pytest.mark.parametrize("norm", NORMS)
 @pytest.mark.parametrize("layout", ["transposed", "channels_last", "sliced"])
-def test_pgd_step_triton_non_contiguous(norm, layout):
+def test_pgd_step_triton_non_contiguous(layout):
     x_adv, grad, x_nat = _inputs((3, 3, 6, 5))
     if layout == "transposed":  # a strided view: copied to row-major by the launcher
         x_adv, grad, x_nat = (t.transpose(2, 3) for t in (x_adv, grad, x_nat))
@@ -112,66 +93,53 @@ def test_pgd_step_triton_non_contiguous(norm, layout):
         x_adv, grad, x_nat = (t.contiguous(memory_format=torch.channels_last) for t in (x_adv, grad, x_nat))
     else:  # every other pixel column: a gap between elements
         x_adv, grad, x_nat = (t[..., ::2] for t in (x_adv, grad, x_nat))
-    eps = torch.tensor([0.01, 0.03, 0.0], device=DEVICE) if norm == "Linf" else 0.4
-    out = pgd_step(x_adv, grad, x_nat, eps, 0.01, norm, backend="triton")
-    ref = pgd_step_reference(x_adv.contiguous(), grad.contiguous(), x_nat.contiguous(), eps, 0.01, norm)
+    eps = torch.tensor([0.01, 0.03, 0.0], device=DEVICE)
+    out = pgd_step(x_adv, grad, x_nat, eps, 0.01, backend="triton")
+    ref = pgd_step_reference(x_adv.contiguous(), grad.contiguous(), x_nat.contiguous(), eps, 0.01)
     assert out.shape == x_adv.shape
     if layout == "channels_last":
         assert out.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(out, ref, rtol=1e-6, atol=0.0 if norm == "Linf" else 1e-7)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 @needs_triton
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("norm", NORMS)
-def test_pgd_step_triton_low_precision_within_one_ulp(dtype, norm):
+def test_pgd_step_triton_low_precision_within_one_ulp(dtype):
     x_adv, grad, x_nat = _inputs((3, 3, 5, 7), dtype=dtype)
-    eps = 8 / 255 if norm == "Linf" else 0.5
-    out = pgd_step(x_adv, grad, x_nat, eps, eps / 4, norm, backend="triton")
-    ref = pgd_step_reference(x_adv, grad, x_nat, eps, eps / 4, norm)
+    out = pgd_step(x_adv, grad, x_nat, 8 / 255, 2 / 255, backend="triton")
+    ref = pgd_step_reference(x_adv, grad, x_nat, 8 / 255, 2 / 255)
     assert out.dtype == dtype
     _assert_ulp_close(out, ref, ulps=1)
 
 
 @needs_triton
-@pytest.mark.parametrize("norm", NORMS)
-def test_pgd_step_no_box_clamp(norm):
+def test_pgd_step_no_box_clamp():
     # x_nat on the box edges and a big step: without clamp_box the iterate leaves [0, 1] but stays in the ball.
     x_adv, grad, x_nat = _inputs((2, 3, 4, 4))
     x_nat = (x_nat > 0.5).to(x_nat.dtype)
     x_adv = x_nat.clone()
-    eps = 0.1 if norm == "Linf" else 1.0
+    eps = 0.1
     for backend in ("triton", "reference"):
-        out = pgd_step(x_adv, grad, x_nat, eps, eps, norm, clamp_box=False, backend=backend)
+        out = pgd_step(x_adv, grad, x_nat, eps, eps, clamp_box=False, backend=backend)
         assert float(out.min()) < 0.0 or float(out.max()) > 1.0
-        _assert_in_ball_and_box(out, x_nat, eps, norm, box=False)
-        clamped = pgd_step(x_adv, grad, x_nat, eps, eps, norm, clamp_box=True, backend=backend)
-        if norm == "Linf":  # for L-inf, box-clamping commutes with the projection
-            torch.testing.assert_close(clamped, out.clamp(0, 1), rtol=0, atol=0)
-        _assert_in_ball_and_box(clamped, x_nat, eps, norm)
-    torch.testing.assert_close(
-        pgd_step(x_adv, grad, x_nat, eps, eps, norm, clamp_box=False, backend="triton"),
-        pgd_step_reference(x_adv, grad, x_nat, eps, eps, norm, clamp_box=False),
-        rtol=1e-6,
-        atol=1e-7,
-    )
+        _assert_in_ball_and_box(out, x_nat, eps, box=False)
+        clamped = pgd_step(x_adv, grad, x_nat, eps, eps, clamp_box=True, backend=backend)
+        # For L-inf, box-clamping commutes with the projection.
+        torch.testing.assert_close(clamped, out.clamp(0, 1), rtol=0, atol=0)
+    torch.testing.assert_close(pgd_step(x_adv, grad, x_nat, eps, eps, clamp_box=False, backend="triton"),
+                               pgd_step_reference(x_adv, grad, x_nat, eps, eps, clamp_box=False), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("norm", NORMS)
-def test_pgd_step_reference_math(norm):
+def test_pgd_step_reference_math():
     """The reference against a hand computation on a tiny example (independent of the kernels)."""
     x_nat = torch.tensor([[0.5, 0.5, 0.98, 0.02]])
     x_adv = x_nat.clone()
     grad = torch.tensor([[3.0, -4.0, 1.0, 0.0]])
-    out = pgd_step_reference(x_adv, grad, x_nat, 0.1, 0.05, norm)
-    if norm == "Linf":
-        expected = torch.tensor([[0.55, 0.45, 1.0, 0.02]])  # 0.98 + 0.05 leaves the box; sign(0) = 0
-    else:
-        # move 0.05 along g/||g|| (||g|| = sqrt(26)); inside the 0.1-ball; then the box clamp
-        expected = (x_nat + 0.05 * grad / math.sqrt(26.0)).clamp(0, 1)
+    out = pgd_step_reference(x_adv, grad, x_nat, 0.1, 0.05)
+    expected = torch.tensor([[0.55, 0.45, 1.0, 0.02]])  # 0.98 + 0.05 leaves the box; sign(0) = 0
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-7)
     # eps = 0 pins the iterate to x_nat whatever the step.
-    torch.testing.assert_close(pgd_step_reference(x_adv, grad, x_nat, 0.0, 0.3, norm), x_nat, rtol=0, atol=0)
+    torch.testing.assert_close(pgd_step_reference(x_adv, grad, x_nat, 0.0, 0.3), x_nat, rtol=0, atol=0)
 
 
 def test_pgd_step_auto_uses_reference_on_cpu():
@@ -197,30 +165,28 @@ BACKENDS = [pytest.param("triton", marks=needs_triton), "reference"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("norm", NORMS)
-def test_random_start_in_ball_box_and_reproducible(backend, norm):
+def test_random_start_in_ball_box_and_reproducible(backend):
     x_nat = torch.rand(3, 3, 5, 7, generator=torch.Generator().manual_seed(1)).to(DEVICE)
     x_nat[0] = 1.0  # a sample on the box edge: clamping must keep it inside the ball too
-    eps = torch.tensor([0.05, 0.3, 0.0], device=DEVICE) if norm == "Linf" else 1.5
-    a = _random_start(backend, x_nat, eps, norm, seed=123)
-    b = _random_start(backend, x_nat, eps, norm, seed=123)
-    c = _random_start(backend, x_nat, eps, norm, seed=124)
+    eps = torch.tensor([0.05, 0.3, 0.0], device=DEVICE)
+    a = _random_start(backend, x_nat, eps, seed=123)
+    b = _random_start(backend, x_nat, eps, seed=123)
+    c = _random_start(backend, x_nat, eps, seed=124)
     assert a.shape == x_nat.shape and a.dtype == x_nat.dtype
-    _assert_in_ball_and_box(a, x_nat, eps, norm, tol=1e-5)
+    _assert_in_ball_and_box(a, x_nat, eps, tol=1e-5)
     assert torch.equal(a, b), "same seed, different start"
     assert not torch.equal(a, c), "different seeds, same start"
-    if norm == "Linf":
-        assert torch.equal(a[2], x_nat[2]), "eps = 0 must give x_nat"
+    assert torch.equal(a[2], x_nat[2]), "eps = 0 must give x_nat"
     # A generator in a given state gives the same start; the generator advances between calls.
     g1, g2 = torch.Generator(DEVICE).manual_seed(7), torch.Generator(DEVICE).manual_seed(7)
-    d1 = _random_start(backend, x_nat, eps, norm, g1)
-    assert torch.equal(d1, _random_start(backend, x_nat, eps, norm, g2))
-    assert not torch.equal(d1, _random_start(backend, x_nat, eps, norm, g1))
+    d1 = _random_start(backend, x_nat, eps, generator=g1)
+    assert torch.equal(d1, _random_start(backend, x_nat, eps, generator=g2))
+    assert not torch.equal(d1, _random_start(backend, x_nat, eps, generator=g1))
     # No generator and no seed: torch's default generator, so torch.manual_seed repeats a run.
     torch.manual_seed(5)
-    e1 = _random_start(backend, x_nat, eps, norm)
+    e1 = _random_start(backend, x_nat, eps)
     torch.manual_seed(5)
-    assert torch.equal(e1, _random_start(backend, x_nat, eps, norm))
+    assert torch.equal(e1, _random_start(backend, x_nat, eps))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -238,32 +204,13 @@ def test_random_start_linf_is_uniform(backend):
     assert bool(((counts - 0.25).abs() < 0.04).all()), counts
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_random_start_l2_is_uniform_in_ball(backend):
-    # D = 2 (a disc). Uniform in area means (r/eps)^2 ~ U(0, 1) and an isotropic direction. The
-    # interpreter pays ~40 ms per program (one per sample), so the Triton case draws fewer samples.
-    batch, eps = (96 if backend == "triton" else 800), 0.1
-    x_nat = torch.full((batch, 2), 0.5, device=DEVICE)
-    delta = (_random_start(backend, x_nat, eps, "L2", seed=3) - x_nat).double().cpu()
-    r = torch.linalg.vector_norm(delta, dim=1)
-    assert r.max().item() <= eps * (1 + 1e-5)
-    # Mean of a U(0,1) is 1/2 with std 1/sqrt(12 n); a radius drawn as eps*U (no 1/D power) gives 1/3.
-    assert abs((r / eps).pow(2).mean().item() - 0.5) < 4 / math.sqrt(12 * batch)
-    assert delta.mean(dim=0).abs().max().item() < 5 * 0.05 / math.sqrt(batch)  # per-axis std ~ eps/2
-    # Radius concentrates at eps in many dimensions: E[r] = eps * D / (D + 1).
-    big = torch.full((4, 3, 8, 8), 0.5, device=DEVICE)
-    rb = torch.linalg.vector_norm((_random_start(backend, big, eps, "L2", seed=4) - big).reshape(4, -1), dim=1)
-    assert bool((rb > 0.95 * eps).all() and (rb <= eps * (1 + 1e-5)).all()), rb
-
-
 @needs_triton
 def test_random_start_triton_low_precision():
     x_nat = torch.rand(2, 3, 5, 5, device=DEVICE).to(torch.bfloat16)
-    for norm, eps in (("Linf", 8 / 255), ("L2", 0.5)):
-        out = random_start(x_nat, eps, norm, seed=0, backend="triton")
-        assert out.dtype == torch.bfloat16
-        # bf16 rounding may step just past the ball's surface: allow 1 bf16 ulp at 1.0 (2^-8).
-        _assert_in_ball_and_box(out, x_nat, eps, norm, tol=2**-8)
+    out = random_start(x_nat, 8 / 255, seed=0, backend="triton")
+    assert out.dtype == torch.bfloat16
+    # bf16 rounding may step just past the ball's surface: allow 1 bf16 ulp at 1.0 (2^-8).
+    _assert_in_ball_and_box(out, x_nat, 8 / 255, tol=2**-8)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -302,12 +249,11 @@ def test_pgd_step_errors():
     with pytest.raises(ValueError, match="grad contains non-finite"):
         pgd_step_reference(x_adv, bad, x_nat, 0.1, 0.01)
     pgd_step(x_adv, bad, x_nat, 0.1, 0.01, check=False)  # check=False skips the (syncing) value checks
-    with pytest.raises(ValueError, match="unknown norm 'L1'; valid: 'Linf', 'L2'"):
-        pgd_step(x_adv, grad, x_nat, 0.1, 0.01, "L1")
     with pytest.raises(ValueError, match="unknown backend 'cuda'"):
         pgd_step(x_adv, grad, x_nat, 0.1, 0.01, backend="cuda")
     # Enums and their values, case-insensitively, pick the same behaviour.
-    assert torch.equal(pgd_step(x_adv, grad, x_nat, 0.1, 0.01, Norm.L2), pgd_step(x_adv, grad, x_nat, 0.1, 0.01, "l2"))
+    assert torch.equal(pgd_step(x_adv, grad, x_nat, 0.1, 0.01, backend=Backend.REFERENCE),
+                       pgd_step(x_adv, grad, x_nat, 0.1, 0.01, backend="Reference"))
 
 
 def test_forced_triton_on_unsupported_device_is_an_error():
@@ -332,6 +278,9 @@ def test_random_start_errors():
         random_start(x_nat, torch.full((5,), 0.1))
     with pytest.raises(ValueError, match="unknown norm 'Lmax'"):
         random_start(x_nat, 0.1, "Lmax")
+    with pytest.raises(ValueError, match="unknown norm 'L2'; valid: 'Linf'"):
+        random_start(x_nat, 0.1, "L2")  # the kernels implement the paper's L-inf threat model only
+    assert torch.equal(random_start(x_nat, 0.1, "linf", seed=0), random_start(x_nat, 0.1, Norm.LINF, seed=0))
     with pytest.raises(TypeError, match="floating dtype"):
         random_start(torch.zeros(2, 3, dtype=torch.int64), 0.1)
 
