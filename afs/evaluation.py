@@ -122,17 +122,14 @@ def evaluate(
         batch_size: samples per batch for clean/PGD/FGSM (and AutoAttack's, unless ``aa_kwargs`` sets it).
         seed: fixes every random start: batch b's PGD starts use a seed derived from (seed, b), so results
             repeat for a seed and batch size, whatever order batches run in. AutoAttack gets ``seed`` itself.
-        device: where the model runs; default its parameters' device.
-        progress: show a tqdm bar over batches.
+        device: where the model runs; default its parameters' device. progress: a tqdm bar over batches.
         aa_kwargs: extra keywords for :func:`afs.autoattack.autoattack` (``version``, ``state_path``, ...).
         compile: run PGD through the compiled attack loop (GPU speed; same results within float noise).
         craft_on: a transfer attack: PGD/FGSM examples are crafted on this model (same seeds) and scored on
             ``model`` (the audit's "transfer from a member onto the stack"). ``None``: white-box.
-        craft_precision: ``"bf16"`` crafts every attack (PGD, FGSM, AutoAttack) under bf16 autocast, several
-            times faster on AMX/AVX512-BF16 CPUs and GPUs; clean accuracy and the PGD/FGSM accuracies are
-            still scored by an fp32 forward of ``model``, so a reported number is an fp32 number on
-            bf16-crafted inputs (tests check the attack loses < 0.5 point of strength). AutoAttack's flags
-            are its own, i.e. under bf16. ``"fp32"``: everything fp32.
+        craft_precision: ``"bf16"`` crafts every attack under bf16 autocast (several times faster on AMX CPUs
+            and GPUs); clean and PGD/FGSM accuracies are still scored by an fp32 forward of ``model`` (the
+            attack loses < 0.5 point of strength, tests check); AutoAttack's own flags are under bf16.
         batches: run clean/PGD/FGSM on these batch indices only (the cuts of ``batch_size`` above, each with
             its own seed), leaving the other samples' flags False. ``None``: every batch, and under a
             process group (torchrun) the batches are shared out among the ranks (:func:`_sharded`).
