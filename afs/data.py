@@ -21,7 +21,6 @@ import warnings
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from enum import Enum
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from afs.io import CorruptFileError, atomic_torch_save, tensor_hash
+from afs_kernels import Choice
 
 __all__ = ["DATASETS", "CIFAR10_CLASSES", "DATA_ENV", "CACHE_ENV", "DatasetName", "Split", "ImageData",
            "resolve_data_root", "resolve_cache_dir", "load_dataset", "train_val_split", "balanced_subset",
@@ -39,27 +39,17 @@ DATA_ENV = "AFS_DATA"  # folder holding the data sets when no root is passed
 CACHE_ENV = "AFS_CACHE"  # folder for decoded-JPEG caches when no cache_dir is passed
 
 
-def _lookup(cls: Any, value: object) -> Any:
-    # Enum's hook for a value with no exact match: case-insensitive, else this ValueError (raised as is).
-    if isinstance(value, str) and value.lower() in cls._value2member_map_:
-        return cls._value2member_map_[value.lower()]
-    kind, hint = ("split", " (a validation set comes from train_val_split)") if cls is Split else ("dataset", "")
-    raise ValueError(f"unknown {kind} {value!r}; valid: {', '.join(m.value for m in cls)}{hint}")
-
-
-class DatasetName(str, Enum):
+class DatasetName(Choice):
     """The data sets `load_dataset` knows; ``DatasetName("CIFAR10")`` works too."""
     CIFAR10 = "cifar10"
     CIFAR100 = "cifar100"
     CIFAR10_JPEG = "cifar10-jpeg"  # the offline JPEG copy of CIFAR-10
-    _missing_ = classmethod(_lookup)
 
 
-class Split(str, Enum):
+class Split(Choice):
     """Which half of a data set; ``Split("TEST")`` works too."""
     TRAIN = "train"
     TEST = "test"
-    _missing_ = classmethod(_lookup)
 
 
 DATASETS: tuple[str, ...] = tuple(d.value for d in DatasetName)
@@ -121,10 +111,6 @@ class ImageData:
         """Content hash of the images and labels (16 hex digits): the identity of the data a stage read."""
         return tensor_hash(self.images, self.labels)
 
-    def class_counts(self) -> Tensor:
-        """Images per class, int64 ``(len(classes),)``."""
-        return torch.bincount(self.labels.cpu(), minlength=len(self.classes))
-
 
 def resolve_data_root(root: str | os.PathLike | None = None) -> Path:
     """The data folder: `root` if given, else ``$AFS_DATA``, else ``./data``."""
@@ -144,7 +130,8 @@ def load_dataset(name: str | DatasetName, root: str | os.PathLike | None = None,
     or directly ``train/`` and ``test/``; `download` lets torchvision fetch CIFAR (never implied). Errors
     name the file: ValueError (malformed), FileNotFoundError (with where it looked, how to fix it),
     `afs.io.CorruptFileError` (a damaged archive)."""
-    dataset, part = DatasetName(name), Split(split)  # ValueError naming the valid ones
+    dataset = DatasetName.parse(name, "dataset")  # ValueError naming the valid ones
+    part = Split.parse(split, "split (train_val_split makes a validation set)")
     origin = ("the root argument" if root is not None else f"${DATA_ENV}" if os.environ.get(DATA_ENV)
               else f"the default ./data (neither a root argument nor ${DATA_ENV} was given)")
     if dataset is not DatasetName.CIFAR10_JPEG:
@@ -389,11 +376,6 @@ class DeviceLoader:
         self.batch_size, self.rank, self.world_size, self.padding = batch_size, rank, world_size, padding
         self.shuffle, self.augment, self.drop_last, self.seed = bool(shuffle), bool(augment), bool(drop_last), int(seed)
         self.epoch = 0  # the epoch the next iteration uses
-
-    @classmethod
-    def from_data(cls, data: ImageData, batch_size: int, **kwargs: Any) -> DeviceLoader:
-        """A loader over an `ImageData` (same keyword arguments as the constructor)."""
-        return cls(data.images, data.labels, batch_size, **kwargs)
 
     def set_epoch(self, epoch: int) -> None:
         """Make the next iteration epoch `epoch` (its order and augmentation are fixed by seed + epoch)."""

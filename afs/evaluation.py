@@ -67,19 +67,19 @@ def parse_attack(name: Any) -> tuple[str, int, int]:
 def attack_key(kind: tuple[str, int, int]) -> str:
     """The canonical name of a parsed attack (``("pgd", 20, 1)`` -> ``"pgd20"``)."""
     name, steps, restarts = kind
-    if name not in ("pgd", "cw"):
+    if name not in ("pgd", "cw"):  # clean, fgsm, aa: no steps in the name
         return name
     return f"{name}{steps}" + (f"x{restarts}" if restarts > 1 else "")
 
 
 def _batch_seed(seed: int, batch_index: int) -> int:
-    """A seed for one batch from (seed, batch index) alone: a batch's random starts do not depend on
-    which batches ran before it. SeedSequence mixes the pair so neighbouring seeds are unrelated."""
+    # A seed for one batch from (seed, batch index) alone: a batch's random starts do not depend on which
+    # batches ran before it (or on which rank). SeedSequence mixes the pair so neighbouring seeds are unrelated.
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 def _as_images(x: Any) -> torch.Tensor:
-    """uint8 images are accepted (converted per batch to [0, 1]); float images must already be in [0, 1]."""
+    # uint8 images are accepted (converted per batch to [0, 1]); float images must already be in [0, 1].
     if isinstance(x, torch.Tensor) and x.dtype == torch.uint8:
         if x.dim() != 4:
             raise ValueError(f"x must be a 4-D image batch (N, C, H, W), got shape {tuple(x.shape)}")
@@ -88,6 +88,7 @@ def _as_images(x: Any) -> torch.Tensor:
 
 
 def _to_unit(xb: torch.Tensor) -> torch.Tensor:
+    # uint8 0..255 -> float32 in [0, 1]; float input is already there.
     return xb.float().div_(255.0) if xb.dtype == torch.uint8 else xb
 
 
@@ -97,7 +98,7 @@ def evaluate(
     y: torch.Tensor,
     attacks: Sequence[str] = ("clean", "pgd10", "pgd20"),
     *,
-    eps: float = 8 / 255,
+    eps: float = 8 / 255,  # Section III: L-inf eps 8/255, PGD step 2/255
     step_size: float = 2 / 255,
     batch_size: int = 256,
     seed: int = 0,
@@ -119,77 +120,66 @@ def evaluate(
             ``"fgsm"`` (one step of size eps) and ``"aa"`` (:func:`afs.autoattack.autoattack` on all of x).
         eps, step_size: the threat model (paper: 8/255 and 2/255).
         batch_size: samples per batch for clean/PGD/FGSM (and AutoAttack's, unless ``aa_kwargs`` sets it).
-        seed: fixes every random start. Batch b's PGD starts use a seed derived from (seed, b), shared by
-            all PGD variants in that batch (PGD-20's first 10 iterates are PGD-10's, so the two run as one
-            20-step chain): results repeat for a seed and batch size, whatever order batches run in.
-            AutoAttack gets ``seed`` itself.
-        device: where the model runs; default its parameters' device.
-        progress: show a tqdm bar over batches.
+        seed: fixes every random start: batch b's PGD starts use a seed derived from (seed, b), so results
+            repeat for a seed and batch size, whatever order batches run in. AutoAttack gets ``seed`` itself.
+        device: where the model runs; default its parameters' device. progress: a tqdm bar over batches.
         aa_kwargs: extra keywords for :func:`afs.autoattack.autoattack` (``version``, ``state_path``, ...).
         compile: run PGD through the compiled attack loop (GPU speed; same results within float noise).
         craft_on: a transfer attack: PGD/FGSM examples are crafted on this model (same seeds) and scored on
             ``model`` (the audit's "transfer from a member onto the stack"). ``None``: white-box.
-        craft_precision: ``"bf16"`` crafts every attack (PGD, FGSM, AutoAttack) under bf16 autocast, which
-            AMX/AVX512-BF16 CPUs and GPUs run several times faster; clean accuracy and the PGD/FGSM accuracies
-            are still scored by an fp32 forward of ``model`` on the adversarial images, so a reported number
-            is an fp32 number on bf16-crafted inputs (tests check the attack loses < 0.5 point of strength).
-            AutoAttack's flags are its own, i.e. under bf16. ``"fp32"``: everything fp32.
+        craft_precision: ``"bf16"`` crafts every attack under bf16 autocast (several times faster on AMX CPUs
+            and GPUs); clean and PGD/FGSM accuracies are still scored by an fp32 forward of ``model`` (the
+            attack loses < 0.5 point of strength, tests check); AutoAttack's own flags are under bf16.
         batches: run clean/PGD/FGSM on these batch indices only (the cuts of ``batch_size`` above, each with
             its own seed), leaving the other samples' flags False. ``None``: every batch, and under a
             process group (torchrun) the batches are shared out among the ranks (:func:`_sharded`).
 
-    An image counts as correct under an attack only if it is also classified correctly clean (robust
-    accuracy never exceeds clean accuracy, as in AutoAttack); the attacks run on those images only.
-    The model is in eval mode throughout; every submodule's mode is restored afterwards.
+    An image counts as correct under an attack only if it is also right clean (as in AutoAttack). The
+    model is in eval mode throughout; every submodule's mode is restored afterwards.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
-    kw = dict(eps=eps, step_size=step_size, batch_size=batch_size, seed=seed, device=device, aa_kwargs=aa_kwargs,
-              compile=compile, craft_on=craft_on, craft_precision=craft_precision)
-    if batches is None and distributed.is_distributed():
-        return _sharded(model, x, y, attacks, progress, kw)
     if isinstance(attacks, str):
         attacks = (attacks,)  # a single name, not its characters
     if len(attacks) == 0:
         raise ValueError(f"attacks is empty; give at least one of: {_VALID_FORMS}")
-    names: list[str] = []
-    kinds: dict[str, tuple[str, int]] = {}
-    for a in attacks:
-        kind = parse_attack(a)
-        key = attack_key(kind)
-        if key not in kinds:
-            names.append(key)
-            kinds[key] = kind
-    x = _as_images(x)
-    n = x.shape[0]
-    y = check_labels(y, n, y.device if isinstance(y, torch.Tensor) else torch.device("cpu"))
+    # Canonical name -> (kind, steps, restarts), in the order first asked for ("PGD20" and "pgd20" are one).
+    kinds = {attack_key(kind): kind for kind in map(parse_attack, attacks)}
+    names = list(kinds)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
-    dev = torch.device(device) if device is not None else model_device(model)
-    if n > 0:
-        # One-sample probe: a wrong output shape or an out-of-range label fails here, clearly, not mid-run.
-        with eval_mode(model), torch.no_grad():
-            probe = model(_to_unit(x[:1].to(dev)))
-        if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
-            got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
-            raise ValueError(f"the model must return logits of shape (B, n_classes), got {got}")
-        check_labels(y, n, y.device, n_classes=probe.shape[1])
-
-    # One attack object per name (validates eps/step_size now, before any batch runs).
+    kw = dict(eps=eps, step_size=step_size, batch_size=batch_size, seed=seed, device=device, aa_kwargs=aa_kwargs,
+              compile=compile, craft_on=craft_on, craft_precision=craft_precision)
+    if batches is None and distributed.is_distributed():
+        return _sharded(model, x, y, names, progress, kw)
     if craft_on is not None and not isinstance(craft_on, nn.Module):
         raise TypeError(f"craft_on must be a torch.nn.Module (the transfer source), got {type(craft_on).__name__}")
     if craft_on is not None and "aa" in kinds:
         raise ValueError("AutoAttack is white-box only: it cannot run as a transfer attack (craft_on=...)")
     if craft_precision not in ("fp32", "bf16"):
         raise ValueError(f"craft_precision must be 'fp32' or 'bf16', got {craft_precision!r}")
-    source = model if craft_on is None else craft_on
-    aa_model = model
+    x = _as_images(x)  # (N, C, H, W), uint8 or float in [0, 1], left where it is until batched
+    n = x.shape[0]
+    y = check_labels(y, n, y.device if isinstance(y, torch.Tensor) else torch.device("cpu"))
+    dev = torch.device(device) if device is not None else model_device(model)
+    if n > 0:
+        # One-sample probe: a wrong output shape or an out-of-range label fails here, clearly, not mid-run.
+        with eval_mode(model), torch.no_grad():
+            probe = model(_to_unit(x[:1].to(dev)))  # (1, n_classes)
+        if not isinstance(probe, torch.Tensor) or probe.dim() != 2:
+            got = tuple(probe.shape) if isinstance(probe, torch.Tensor) else type(probe).__name__
+            raise ValueError(f"the model must return logits of shape (B, n_classes), got {got}")
+        check_labels(y, n, y.device, n_classes=probe.shape[1])
+
+    source = model if craft_on is None else craft_on  # the network the attacks differentiate
+    aa_model = model  # AutoAttack is white-box: always the evaluated model
     if craft_precision == "bf16":
         from afs.runs import AutocastModel
 
         source, aa_model = AutocastModel(source, dev.type), AutocastModel(model, dev.type)
+    # One attack object per name (validates eps/step_size now, before any batch runs).
     # Single-restart CE PGDs share a batch's random start, so they form one chain: the shortest runs from
     # the start, each longer one continues from the previous one's output for the remaining steps (PGD-10
     # then 10 more steps = PGD-20, bit for bit; `PGD(start_from=)`), and PGD-10 + PGD-20 cost 20 steps.
@@ -201,17 +191,17 @@ def evaluate(
         objs[key] = PGD(source, eps=eps, step_size=step_size, steps=steps - done_steps, compile=compile)
         done_steps = steps
     for key, (kind, steps, restarts) in kinds.items():
-        if kind in ("pgd", "cw") and key not in objs:
+        if kind in ("pgd", "cw") and key not in objs:  # restarts, or the CW margin loss: a chain of its own
             objs[key] = PGD(source, eps=eps, step_size=step_size, steps=steps, restarts=restarts,
                             compile=compile and kind == "pgd", loss="ce" if kind == "pgd" else "margin")
         elif kind == "fgsm":
             objs[key] = fgsm(source, eps=eps, compile=compile)
-    batched = [k for k in names if kinds[k][0] != "aa"]
-    attacked = chain + [k for k in batched if k not in chain and k != "clean"]
-    correct = {k: torch.zeros(n, dtype=torch.bool) for k in names}
+    batched = [k for k in names if kinds[k][0] != "aa"]  # run batch by batch below
+    attacked = chain + [k for k in batched if k not in chain and k != "clean"]  # the chain first, in step order
+    correct = {k: torch.zeros(n, dtype=torch.bool) for k in names}  # bool [N] per attack, on the CPU
 
     with eval_mode(model), eval_mode(source):
-        n_batches = (n + batch_size - 1) // batch_size
+        n_batches = (n + batch_size - 1) // batch_size  # cuts of batch_size, the last one possibly short
         todo = range(n_batches) if batches is None else [int(b) for b in batches]
         if any(not 0 <= b < n_batches for b in todo):
             raise ValueError(f"batches must be indices in [0, {n_batches}) for n={n}, batch_size={batch_size}")
@@ -220,9 +210,9 @@ def evaluate(
             try:
                 for b in todo:
                     sl = slice(b * batch_size, min((b + 1) * batch_size, n))
-                    xb = _to_unit(x[sl].to(dev, non_blocking=True))
+                    xb = _to_unit(x[sl].to(dev, non_blocking=True))  # (B, C, H, W) float in [0, 1]
                     yb = y[sl].to(dev, non_blocking=True)
-                    bseed = _batch_seed(seed, b)
+                    bseed = _batch_seed(seed, b)  # shared by every attack of this batch (one chain)
                     # Robust accuracy is the share of images classified correctly at *every* point of the
                     # ball, the clean image included: an image the model gets wrong clean is not robust
                     # under any attack (AutoAttack counts the same way). So the attacks run on the images
@@ -231,56 +221,50 @@ def evaluate(
                         right = (model(xb).argmax(1) == yb).cpu()
                     if "clean" in correct:
                         correct["clean"][sl] = right
-                    idx = right.nonzero().squeeze(1)
+                    idx = right.nonzero().squeeze(1)  # (R,) the right-clean images of this batch
                     if attacked and len(idx) > 0:
                         xs, ys = xb[idx.to(xb.device)], yb[idx.to(yb.device)]
-                        rows = torch.arange(sl.start, sl.stop)[idx]
+                        rows = torch.arange(sl.start, sl.stop)[idx]  # their places in the test set
                         x_prev = None
                         for key in attacked:
                             if key in chain:
                                 x_eval = x_prev = objs[key](xs, ys, seed=bseed, start_from=x_prev)
                             else:
                                 x_eval = objs[key](xs, ys, seed=bseed)
-                            with torch.no_grad():
+                            with torch.no_grad():  # scored by `model` itself (a transfer attack crafted on craft_on)
                                 correct[key][rows] = (model(x_eval).argmax(1) == ys).cpu()
                     bar.update(1)
                     if batches is None:  # running accuracy over the prefix done so far
-                        bar.set_postfix({k: f"{100.0 * correct[k][: sl.stop].float().mean().item():.1f}" for k in batched})
+                        done = {k: 100.0 * correct[k][: sl.stop].float().mean().item() for k in batched}
+                        bar.set_postfix({k: f"{v:.1f}" for k, v in done.items()})
             finally:
                 bar.close()
-        if "aa" in kinds:
-            kw: dict[str, Any] = {"eps": eps, "seed": seed, "device": dev, "batch_size": batch_size}
-            kw.update(aa_kwargs or {})
-            x_unit = _to_unit(x) if x.dtype == torch.uint8 else x
-            correct["aa"] = autoattack(aa_model, x_unit, y, **kw).robust.cpu()
-    accuracy = {k: 100.0 * correct[k].float().mean().item() if n > 0 else float("nan") for k in names}
+        if "aa" in kinds:  # AutoAttack on all of x at once: it batches (and resumes from state_path) itself
+            aa = {"eps": eps, "seed": seed, "device": dev, "batch_size": batch_size, **(aa_kwargs or {})}
+            correct["aa"] = autoattack(aa_model, _to_unit(x), y, **aa).robust.cpu()
+    return _result(correct, n)
+
+
+def _result(correct: dict[str, torch.Tensor], n: int) -> EvalResult:
+    # Accuracy in percent of all n images (NaN for an empty set), in the order the attacks were asked for.
+    accuracy = {k: 100.0 * flags.float().mean().item() if n > 0 else float("nan") for k, flags in correct.items()}
     return EvalResult(accuracy=accuracy, correct=correct, n=n)
 
 
-def _sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequence[str] | str, progress: bool,
+def _sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, names: list[str], progress: bool,
              kw: dict[str, Any]) -> EvalResult:
     """:func:`evaluate` with its batches split across the ranks of the process group; the same result
-    (identical on every rank).
-
-    The set is cut into batches exactly as a single process cuts it and rank r takes batches r, r + w,
-    ...; each batch keeps its own seed, so clean/PGD/FGSM per-sample results equal the one-process ones.
-    The flags are summed over ranks into test-set order, with a coverage row that checks every image
-    was evaluated exactly once. AutoAttack runs on each rank's images (its own batching then sees another
-    split, so its per-sample flags can differ from one process's, not its protocol); a ``state_path`` in
-    ``aa_kwargs`` gets a per-rank suffix.
-    """
-    listed = [attacks] if isinstance(attacks, str) else list(attacks)
-    if not listed:
-        raise ValueError(f"attacks is empty; give at least one of: {_VALID_FORMS}")
-    names = list(dict.fromkeys(attack_key(parse_attack(a)) for a in listed))
+    (identical on every rank)."""
+    # The set is cut into batches exactly as a single process cuts it and rank r takes batches r, r + w,
+    # ...; each batch keeps its own seed, so clean/PGD/FGSM per-sample results equal the one-process ones.
+    # AutoAttack runs on each rank's images (its own batching then sees another split, so its per-sample
+    # flags can differ from one process's, not its protocol); a state_path in aa_kwargs gets a rank suffix.
     batched = [a for a in names if a != "aa"]
     n, bs = x.shape[0], kw["batch_size"]
-    if not isinstance(y, torch.Tensor) or y.shape != (n,):
-        raise ValueError(f"y must be a tensor of shape ({n},) to match x, got {getattr(y, 'shape', type(y))}")
     r, w = distributed.rank(), distributed.world_size()
-    n_batches = -(-n // bs) if isinstance(bs, int) and bs > 0 else 0  # a bad batch_size fails in evaluate below
-    mine = list(range(r, n_batches, w))  # round robin: the last, short batch costs no rank more than one batch
-    flags = torch.zeros(len(names) + 1, n, dtype=torch.int32)  # (A+1, N): one row per attack + coverage
+    mine = list(range(r, -(-n // bs), w))  # round robin: the last, short batch costs no rank more than one batch
+    # (A+1, N): one row of flags per attack, and a coverage row that checks every image is evaluated once.
+    flags = torch.zeros(len(names) + 1, n, dtype=torch.int32)
     for b in mine:
         flags[-1, b * bs:min((b + 1) * bs, n)] += 1
     # Every rank calls evaluate, so a bad argument stops all ranks, not one.
@@ -296,13 +280,12 @@ def _sharded(model: nn.Module, x: torch.Tensor, y: torch.Tensor, attacks: Sequen
         res = evaluate(model, x[idx], y[idx], ("aa",), progress=progress and distributed.is_main(), batches=[],
                        **{**kw, "aa_kwargs": aa})
         flags[names.index("aa"), idx] = res.correct["aa"].to(torch.int32)
+    # Summed over ranks into test-set order (each image's flags come from the one rank that ran it).
     flags = torch.tensor(distributed.all_reduce_sums(flags.flatten().tolist())).round().to(torch.int32).view_as(flags)
     if not bool((flags[-1] == 1).all()):
         raise RuntimeError("sharded evaluation did not cover every test image exactly once (ranks disagree on the "
                            "test set or batch size)")
-    correct = {k: flags[i].bool() for i, k in enumerate(names)}
-    accuracy = {k: 100.0 * correct[k].float().mean().item() if n > 0 else float("nan") for k in names}
-    return EvalResult(accuracy=accuracy, correct=correct, n=n)
+    return _result({k: flags[i].bool() for i, k in enumerate(names)}, n)
 
 
 def trade_off(clean: float, aa: float) -> float:

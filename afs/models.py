@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from afs.attacks import eval_mode, model_device
 from afs.io import atomic_torch_save, load_torch
 
 __all__ = ["WideResNet", "PreActResNet18", "SmallCNN", "build_model", "model_from_spec", "model_cost",
@@ -38,7 +39,8 @@ class _Normalize(nn.Module):
 
 
 class _ExtractorBase(nn.Module):
-    """The shared interface: ``feature_map`` -> ``final_bn`` + ReLU + pool = ``features`` -> ``head``."""
+    """The shared interface: ``feature_map`` (the last map before the final BN, (B, C, h, w), defined by each
+    network) -> ``final_bn`` + ReLU + pool = ``features`` -> ``head``."""
 
     arch: str
     bn: nn.BatchNorm2d  # the final BN; named "bn" because every checkpoint's state dict says "bn.*"
@@ -65,14 +67,7 @@ class _ExtractorBase(nn.Module):
             elif isinstance(m, nn.Linear):
                 nn.init.zeros_(m.bias)
 
-    @property
-    def final_bn(self) -> nn.BatchNorm2d:
-        """The BatchNorm2d applied to ``feature_map(x)`` before the final ReLU and the pool."""
-        return self.bn
-
-    def feature_map(self, x: Tensor) -> Tensor:
-        """The last feature map *before* the final BN, (B, C, h, w)."""
-        raise NotImplementedError
+    final_bn = property(lambda self: self.bn)  # the BN on feature_map(x), before the final ReLU and the pool
 
     def features(self, x: Tensor) -> Tensor:
         """g(x) of Eq. 2: relu(final_bn(feature_map(x))) averaged over (h, w), (B, feature_dim)."""
@@ -205,14 +200,8 @@ def model_cost(model: nn.Module, input_shape: tuple[int, ...] = (1, 3, 32, 32)) 
     a multiply-accumulate is 2 FLOPs; Table VI's "Flops (G)" counts MACs, half: WRN-28-10 10.49 G here, 5.24 there)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    flags = [(m, m.training) for m in model.modules()]  # restored per module (a stack's members stay eval)
-    model.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(torch.zeros(input_shape, device=next(model.parameters()).device))
-    finally:
-        for m, flag in flags:
-            m.training = flag
+    with eval_mode(model), torch.no_grad(), FlopCounterMode(display=False) as counter:  # modes restored per module
+        model(torch.zeros(input_shape, device=model_device(model)))
     return {"params": sum(p.numel() for p in model.parameters()), "flops": int(counter.get_total_flops())}
 
 
