@@ -1,63 +1,38 @@
-"""Evidence: 95% intervals for every accuracy, and the paper's claims as verdicts (holds / fails / inconclusive).
+"""Evidence: a 95% interval for every accuracy, and the paper's claims as verdicts (holds / fails / inconclusive).
 
-An accuracy measured on n test images is an estimate; one image of 64 is 1.6 points. This module turns the
-per-sample correctness that every evaluation saves into
-
-* a 95% interval for each accuracy (percentile bootstrap over images), and
-* a verdict for each claim of the paper's registry (``afs/claims.json``): the claim's statistic (a
-  difference between two rows, a trend across rows, the worst difference along a curve) is recomputed on
-  every bootstrap resample of the images, **the same resample for every row** (a paired bootstrap: two
-  models scored on the same images share their easy and hard images, so the interval of their difference
-  is much narrower than two separate intervals suggest), and the verdict follows from where its 95%
-  interval lies relative to the claim's threshold:
+From the per-sample correctness every evaluation saves (``summary["samples"]``, bit-packed) come a 95%
+interval for each accuracy (percentile bootstrap over images) and a verdict for each claim of
+``afs/claims.json``: the claim's statistic (a difference of two rows, a trend across rows, the worst
+difference along a curve) is recomputed on every resample, **the same resample for every row** (a paired
+bootstrap: models scored on the same images share their easy and hard images, so the interval of a difference
+is much narrower than two separate intervals suggest). With ``[lo, hi]`` that interval and ``t`` the threshold:
 
       op ">"       holds if lo > t,              fails if hi < t,               else inconclusive
       op "<"       holds if hi < t,              fails if lo > t,               else inconclusive
       op "within"  holds if -t < lo and hi < t,  fails if lo > t or hi < -t,    else inconclusive
 
-The bootstrap is exact to compute in one matrix product: a resample is a vector of counts ``w`` (how often
-each image was drawn, multinomial with n draws), and every row's resampled accuracy is ``w @ correct / n``.
-All rows of one subset share one count matrix ``W`` (B x n), so the statistics of all claims are functions of
-the resampled row means ``W @ C / n`` (B x rows). ``W`` is drawn from a fixed seed: a summary's intervals
-are reproducible to the last digit.
-
-Per-sample correctness travels inside ``summary.json`` (``samples``: bit-packed, base64; ~1.7 kB per row
-of 10,000 images), so a verdict can be recomputed, or a new claim checked, from the committed file alone.
+A resample is a vector of counts ``w`` (multinomial, n draws over n images), so a row's resampled accuracy
+is ``w @ correct / n``: one count matrix (B x n) per subset, from a fixed seed, serves every row.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
-import json
+import functools
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections import namedtuple
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-__all__ = [
-    "N_BOOT",
-    "pack_bits",
-    "unpack_bits",
-    "Bootstrap",
-    "percentile_interval",
-    "verdict",
-    "claims_registry",
-    "Rows",
-    "attach_intervals",
-    "evaluate_claims",
-    "VERDICTS",
-]
+from afs.tables import default_stack_record, package_data, paper_table, paper_tables, stacks_tagged
 
 N_BOOT = 4000  # bootstrap resamples: the 2.5% / 97.5% percentiles move by < 0.1 point between seeds at n = 500
 VERDICTS = ("holds", "fails", "inconclusive")
-_CLAIMS_FILE = "claims.json"
+_ABLATION = {"ablation:baseline": 0, "ablation:random": 1, "ablation:large": 2, "ablation:afs": 3}  # Table VI rows
 
 
-# ----------------------------------------------------------------------------------------------------
-# Per-sample correctness, packed for summary.json
-# ----------------------------------------------------------------------------------------------------
 def pack_bits(flags: Any) -> str:
     """A bool vector (tensor, array or list) as base64 of its packed bits (first sample = highest bit)."""
     a = np.asarray(flags.cpu() if hasattr(flags, "cpu") else flags, dtype=bool).ravel()
@@ -72,16 +47,10 @@ def unpack_bits(text: str, n: int) -> np.ndarray:
     return np.unpackbits(raw)[:n].astype(bool)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The bootstrap
-# ----------------------------------------------------------------------------------------------------
 class Bootstrap:
-    """``n_boot`` resamples with replacement of ``n`` images, shared by every row measured on those images.
-
-    ``means(C)`` maps a (n,) or (n, k) 0/1 matrix to its resampled means in percent, (n_boot,) or
-    (n_boot, k). The counts matrix is drawn once per (n, n_boot, seed) and reused (chunked over resamples
-    for large n so memory stays under ~64 MB).
-    """
+    """``n_boot`` resamples with replacement of ``n`` images, shared by every row measured on those images:
+    ``means(C)`` maps a (n,) or (n, k) 0/1 matrix to its resampled means in percent, (n_boot,) or (n_boot, k).
+    The counts are drawn once, in chunks of resamples so memory stays under ~64 MB."""
 
     def __init__(self, n: int, n_boot: int = N_BOOT, seed: int = 0) -> None:
         if n < 1:
@@ -101,16 +70,15 @@ class Bootstrap:
         return np.concatenate([w @ c for w in self._weights], axis=0) * (100.0 / self.n)
 
 
-def percentile_interval(boot: np.ndarray, level: float = 0.95) -> list[float]:
-    """The (1 - level)/2 and (1 + level)/2 percentiles of bootstrap values: ``[lo, hi]``."""
-    lo, hi = np.quantile(np.asarray(boot, dtype=np.float64), [(1 - level) / 2, (1 + level) / 2])
+def percentile_interval(boot: np.ndarray) -> list[float]:
+    """The 2.5% and 97.5% percentiles of bootstrap values: ``[lo, hi]``, the 95% interval."""
+    lo, hi = np.quantile(np.asarray(boot, dtype=np.float64), [(1 - 0.95) / 2, (1 + 0.95) / 2])
     return [float(lo), float(hi)]
 
 
 def verdict(interval: Sequence[float], op: str, threshold: float) -> str:
     """holds / fails / inconclusive of a claim ``estimate <op> threshold`` from its 95% interval."""
-    lo, hi = float(interval[0]), float(interval[1])
-    t = float(threshold)
+    lo, hi, t = float(interval[0]), float(interval[1]), float(threshold)
     if op == ">":
         return "holds" if lo > t else "fails" if hi < t else "inconclusive"
     if op == "<":
@@ -120,25 +88,21 @@ def verdict(interval: Sequence[float], op: str, threshold: float) -> str:
     raise ValueError(f"unknown claim op {op!r}; valid: '>', '<', 'within'")
 
 
-# ----------------------------------------------------------------------------------------------------
-# The registry
-# ----------------------------------------------------------------------------------------------------
-_REGISTRY: dict[str, Any] | None = None
+# --- The registry -------------------------------------------------------------------------------------------
+_STATS = ("value", "difference", "slope", "min_difference")
+_METRICS = ("clean", "pgd10", "pgd20", "aa", "tradeoff", "tradeoff_pgd20")
+
+
+@functools.cache
+def _registry() -> dict[str, Any]:
+    reg = package_data("claims.json")
+    _check_registry(reg)
+    return reg
 
 
 def claims_registry() -> dict[str, Any]:
     """``afs/claims.json``: the paper's claims as data (a fresh copy). See that file's ``_about``."""
-    global _REGISTRY
-    if _REGISTRY is None:
-        from importlib import resources
-
-        _REGISTRY = json.loads(resources.files("afs").joinpath(_CLAIMS_FILE).read_text(encoding="utf-8"))
-        _check_registry(_REGISTRY)
-    return copy.deepcopy(_REGISTRY)
-
-
-_STATS = ("value", "difference", "slope", "min_difference")
-_METRICS = ("clean", "pgd10", "pgd20", "aa", "tradeoff", "tradeoff_pgd20")
+    return copy.deepcopy(_registry())
 
 
 def _check_registry(reg: Mapping[str, Any]) -> None:
@@ -159,34 +123,21 @@ def _check_registry(reg: Mapping[str, Any]) -> None:
             raise ValueError(f"{where}: metric must be one of {_METRICS}, got {c.get('metric')!r}")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Rows: what a claim compares, resolved against a summary (ours) or the paper's tables
-# ----------------------------------------------------------------------------------------------------
-@dataclass
-class Operand:
-    """One row of a claim: a label, an x value (for trends), its point value and bootstrap values."""
-
-    label: str
-    x: float | None
-    point: float
-    boot: np.ndarray | None  # (n_boot,) or None for the paper
+# --- Rows: what a claim compares, resolved in a summary (ours) or the paper's tables ------------------------
+# One row of a claim: its label, x (for trends), point value and bootstrap values ((n_boot,); None for the paper).
+Operand = namedtuple("Operand", "label x point boot")
 
 
 class Rows:
-    """Resolves a claim's symbolic rows ("extractor:robust", "stacks:alpha", ...) in one summary.
+    """Resolves a claim's symbolic rows ("extractor:robust", "stacks:alpha", ...) in one summary: per-sample
+    rows are ``summary["samples"][subset]["rows"][key][metric]``, the records' ``key`` says which plays which role."""
 
-    Per-sample rows live in ``summary["samples"][subset]["rows"][key][metric]`` (packed bits); the records
-    that name them (``extractors.<b>.key``, ``stacks[i].key``, ...) say which key plays which role.
-    """
-
-    def __init__(self, summary: Mapping[str, Any], n_boot: int = N_BOOT, seed: int | None = None) -> None:
-        self.s = summary
-        self.n_boot = n_boot
-        self.seed = int(summary.get("config", {}).get("seed", 0) if seed is None else seed)
+    def __init__(self, summary: Mapping[str, Any], n_boot: int = N_BOOT) -> None:
+        self.s, self.n_boot = summary, n_boot
+        self.seed = int(summary.get("config", {}).get("seed", 0))  # the profile's seed draws the resamples
         self._boot: dict[str, Bootstrap] = {}
         self._flags: dict[tuple[str, str, str], np.ndarray] = {}
 
-    # --- per-sample access -------------------------------------------------------------------------
     def subset(self, subset: str) -> Mapping[str, Any]:
         samples = self.s.get("samples", {})
         if subset not in samples:
@@ -214,148 +165,133 @@ class Rows:
                 self._flags[k] = unpack_bits(rows[key][metric], int(sub["n"])).astype(np.float32)
         return self._flags[k]
 
+    def interval(self, subset: str, key: str, metric: str) -> list[float]:
+        """The 95% interval of row ``key``'s accuracy under ``metric``, from the subset's shared resamples."""
+        return percentile_interval(self.bootstrap(subset).means(self.flags(subset, key, metric)))
+
     def operand(self, label: str, x: float | None, subset: str, key: str, metric: str) -> Operand:
         f = self.flags(subset, key, metric)
         return Operand(label, x, float(100.0 * f.mean()), self.bootstrap(subset).means(f))
 
-    # --- roles -------------------------------------------------------------------------------------
     def robust_budget(self) -> int:
         budgets = [int(b) for b in self.s["extractors"]]
         return 8 if 8 in budgets else max(budgets)
 
-    def _stack(self, pred: Callable[[Mapping[str, Any]], bool]) -> list[Mapping[str, Any]]:
-        return [r for r in self.s.get("stacks", []) if pred(r)]
-
-    def alpha_sweep(self) -> list[Mapping[str, Any]]:
-        return sorted(self._stack(lambda r: "alpha-sweep" in r.get("tags", [])), key=lambda r: r["alpha"])
+    def _net_label(self, who: str) -> str:
+        """"robust" as the most robust network's label (``#8 (8/255)``), any other name as itself."""
+        b = self.robust_budget() if who == "robust" else None
+        return who if b is None else f"#{b} ({b}/255)"
 
     def resolve(self, role: str, metric: str, subset: str) -> list[Operand]:
         """The operand rows of ``role`` under ``metric`` on ``subset`` (a list; one entry for a single row)."""
         s = self.s
+
+        def op(label: str, x: float | None, key: str, m: str = metric) -> Operand:
+            return self.operand(label, x, subset, key, m)
+
         if role == "extractors":
-            return [self.operand(f"#{b}", float(b), subset, r["key"], metric)
-                    for b, r in sorted(s["extractors"].items(), key=lambda kv: int(kv[0]))]
+            nets = sorted(s["extractors"].items(), key=lambda kv: int(kv[0]))
+            return [op(f"#{b}", float(b), r["key"]) for b, r in nets]
         if role == "extractor:robust":
             b = self.robust_budget()
-            return [self.operand(f"#{b} ({b}/255)", float(b), subset, s["extractors"][str(b)]["key"], metric)]
+            return [op(self._net_label("robust"), float(b), s["extractors"][str(b)]["key"])]
         if role.startswith("extractor:nearest-clean:"):
             target = self.resolve(role[len("extractor:nearest-clean:"):], "clean", subset)[0].point
-            exts = [(abs(self.operand("", None, subset, r["key"], "clean").point - target), int(b), r)
-                    for b, r in s["extractors"].items()]
-            _, b, r = min(exts, key=lambda t: (t[0], t[1]))
-            return [self.operand(f"#{b} ({b}/255), nearest in clean accuracy", float(b), subset, r["key"], metric)]
-        if role == "stacks:alpha":
-            return [self.operand(f"alpha={r['alpha']:g}", float(r["alpha"]), subset, r["key"], metric)
-                    for r in self.alpha_sweep()]
-        if role in ("stack:alpha-min", "stack:alpha-max"):
-            sweep = self.alpha_sweep()
-            if not sweep:
-                raise KeyError("summary has no alpha-sweep stacks")
-            r = sweep[0] if role.endswith("min") else sweep[-1]
-            return [self.operand(f"AFS alpha={r['alpha']:g}", float(r["alpha"]), subset, r["key"], metric)]
-        if role == "stack:default":
-            mode = s["config"]["merger"]["mode"]
-            r = self._stack(lambda r: f"default-{mode}" in r.get("tags", []))[0]
-            return [self.operand("AFS", None, subset, r["key"], metric)]
-        if role == "stacks:masks":
-            recs = self._stack(lambda r: any(t.startswith("mask:") for t in r.get("tags", [])))
-            return [self.operand(f"{len(r['members'])} nets {r['members']}", float(len(r["members"])), subset,
-                                 r["key"], metric) for r in sorted(recs, key=lambda r: len(r["members"]))]
+            b, r = min(s["extractors"].items(),
+                       key=lambda kv: (abs(op("", None, kv[1]["key"], "clean").point - target), int(kv[0])))
+            return [op(f"#{b} ({b}/255), nearest in clean accuracy", float(b), r["key"])]
+        if role.startswith("stack"):
+            sweep = sorted(stacks_tagged(s, "alpha-sweep"), key=lambda r: r["alpha"])
+            if role == "stacks:alpha":
+                return [op(f"alpha={r['alpha']:g}", float(r["alpha"]), r["key"]) for r in sweep]
+            if role in ("stack:alpha-min", "stack:alpha-max"):
+                if not sweep:
+                    raise KeyError("summary has no alpha-sweep stacks")
+                r = sweep[0] if role.endswith("min") else sweep[-1]
+                return [op(f"AFS alpha={r['alpha']:g}", float(r["alpha"]), r["key"])]
+            if role == "stack:default":
+                return [op("AFS", None, default_stack_record(s)["key"])]
+            if role == "stacks:masks":
+                recs = sorted(stacks_tagged(s, "mask:"), key=lambda r: len(r["members"]))
+                return [op(f"{len(r['members'])} nets {r['members']}", float(len(r["members"])), r["key"])
+                        for r in recs]
         if role == "ensemble":
-            return [self.operand("mean-of-logits ensemble", None, subset, s["ensemble"]["key"], metric)]
-        if role.startswith("ablation:"):
-            which = {"ablation:baseline": 0, "ablation:random": 1, "ablation:large": 2, "ablation:afs": 3}[role]
-            r = s["ablation"][which]
-            return [self.operand(r["setting"], None, subset, r["key"], metric)]
+            return [op("mean-of-logits ensemble", None, s["ensemble"]["key"])]
+        if role in _ABLATION:
+            r = s["ablation"][_ABLATION[role]]
+            return [op(r["setting"], None, r["key"])]
         if role.startswith("audit:"):
             # The robustness audit (`afs.audit.run_audit`): rows keyed "stack", "member", "transfer:<source>".
             who = role[len("audit:"):]
-            rows = self.subset("audit")["rows"]
             if who == "transfer":
-                return [self.operand(f"transfer from {k[len('transfer:'):]}", None, subset, k, metric)
-                        for k in rows if k.startswith("transfer:")]
-            label = {"stack": "AFS", "member": f"#{self.robust_budget()} ({self.robust_budget()}/255)"}.get(who, who)
-            return [self.operand(label, None, subset, who, metric)]
+                return [op(f"transfer from {k[len('transfer:'):]}", None, k)
+                        for k in self.subset("audit")["rows"] if k.startswith("transfer:")]
+            return [op("AFS" if who == "stack" else self._net_label("robust" if who == "member" else who), None, who)]
         if role.startswith("curve:"):
-            who = role[len("curve:"):]
-            key = s["curves"]["keys"][self._curve_label(who)]
-            return [self.operand(f"{self._curve_label(who)} at {b}/255", float(b), subset, key, f"eps{b}")
-                    for b in s["curves"]["budgets_255"]]
+            label = self._net_label(role[len("curve:"):])
+            key = s["curves"]["keys"][label]
+            return [op(f"{label} at {b}/255", float(b), key, f"eps{b}") for b in s["curves"]["budgets_255"]]
         raise KeyError(f"unknown claim row {role!r}")
 
-    def _curve_label(self, who: str) -> str:
-        if who == "AFS":
-            return "AFS"
-        if who == "robust":
-            b = self.robust_budget()
-            return f"#{b} ({b}/255)"
-        return who
 
-
-class PaperRows:
-    """The same roles on the paper's own tables (``afs/paper_tables.json``): point values, no bootstrap."""
+class PaperRows(Rows):
+    """The same roles on the paper's own tables (``afs/paper_tables.json``), laid out as a summary whose
+    operands are the tables' point values (no bootstrap); a value the paper lacks is a KeyError."""
 
     def __init__(self) -> None:
-        from afs.tables import paper_table
+        self.records: dict[str, Mapping[str, Any]] = {}
 
-        self.t1 = {r["budget_255"]: r for r in paper_table("table_I_extractors")}
-        self.t2 = sorted(paper_table("table_II_alpha"), key=lambda r: r["alpha"])
-        self.t3 = paper_table("table_III_stacks")
-        self.t4 = {r["method"]: r for r in paper_table("table_IV_cifar10")}
-        self.t6 = paper_table("table_VI_ablation")
+        def rec(key: str, row: Mapping[str, Any], **fields: Any) -> dict[str, Any]:
+            self.records[key] = row
+            return {"key": key, **fields}
 
-    @staticmethod
-    def _val(r: Mapping[str, Any], metric: str) -> float | None:
+        masks = paper_tables()["table_III_stacks"]["masks_9digit"]
+        t6 = [rec(f"VI/{i}", r, setting=r["setting"]) for i, r in enumerate(paper_table("table_VI_ablation"))]
+        for r in paper_table("table_IV_cifar10"):
+            rec(f"IV/{r['method']}", r)
+        super().__init__({
+            "config": {"merger": {"mode": "paired"}},
+            "extractors": {str(r["budget_255"]): rec(f"I/{r['budget_255']}", r)
+                           for r in paper_table("table_I_extractors")},
+            "stacks": [rec(f"II/{r['alpha']}", r, alpha=r["alpha"], tags=["alpha-sweep"])
+                       for r in paper_table("table_II_alpha")]
+            + [rec(f"III/{m}", r, members=[i for i, c in enumerate(m) if c == "1"], tags=[f"mask:{m}"])
+               for r, m in zip(paper_table("table_III_stacks"), masks)]
+            + [{"key": t6[3]["key"], "tags": ["default-paired"]}],  # Table VI's AFS row
+            "ablation": t6})
+
+    def operand(self, label: str, x: float | None, subset: str, key: str, metric: str) -> Operand:
+        r = self.records[key]
         if metric == "tradeoff_pgd20":
-            return (r["clean"] + r["pgd20"]) / 2 if "pgd20" in r else None
-        if metric == "pgd20" and "pgd20" not in r and "pgd" in r:
-            return r["pgd"]  # Table IV's "PGD" is PGD-20
-        v = r.get(metric)
-        return None if v is None else float(v)
+            v = (r["clean"] + r["pgd20"]) / 2 if "pgd20" in r else None
+        elif metric == "pgd20" and "pgd20" not in r and "pgd" in r:
+            v = r["pgd"]  # Table IV's "PGD" is PGD-20
+        else:
+            v = None if r.get(metric) is None else float(r[metric])
+        if v is None:
+            raise KeyError(f"the paper has no {metric!r} for {key}")
+        return Operand(label, x, v, None)
 
-    def resolve(self, role: str, metric: str, subset: str) -> list[Operand] | None:
-        def op(label: str, x: float | None, r: Mapping[str, Any]) -> Operand | None:
-            v = self._val(r, metric)
-            return None if v is None else Operand(label, x, v, None)
+    def value(self, claim: Mapping[str, Any]) -> float | None:
+        """The claim's statistic on the paper's numbers; None where the paper has none (the ensemble, the curves).
+        On the AutoAttack subset, Table IV's rows stand in for #8 and AFS."""
+        if claim["stat"] == "min_difference":
+            return None
+        metric, subset = claim.get("metric", ""), claim["subset"]
 
-        def many(items: Iterable[Operand | None]) -> list[Operand] | None:
-            got = list(items)
-            return None if any(o is None for o in got) else got  # type: ignore[return-value]
+        def rows(role: str) -> list[Operand]:
+            if subset == "aa" and role in ("extractor:robust", "stack:default"):
+                return [self.operand("", None, subset, "IV/PGD-AT" if role == "extractor:robust" else "IV/AFS", metric)]
+            return self.resolve(role, metric, subset)
 
-        if subset == "aa" and role in ("extractor:robust", "stack:default"):
-            return many([op(role, None, self.t4["PGD-AT" if role == "extractor:robust" else "AFS"])])
-        if role == "extractors":
-            return many(op(f"#{b}", float(b), r) for b, r in sorted(self.t1.items()))
-        if role == "extractor:robust":
-            return many([op("#8", 8.0, self.t1[8])])
-        if role == "extractor:nearest-clean:stack:alpha-max":
-            target = self.t2[-1]["clean"]
-            b = min(self.t1, key=lambda b: (abs(self.t1[b]["clean"] - target), b))
-            return many([op(f"#{b}", float(b), self.t1[b])])
-        if role == "stacks:alpha":
-            return many(op(f"alpha={r['alpha']:g}", float(r["alpha"]), r) for r in self.t2)
-        if role in ("stack:alpha-min", "stack:alpha-max"):
-            return many([op(role, None, self.t2[0] if role.endswith("min") else self.t2[-1])])
-        if role == "stack:default":
-            return many([op("AFS", None, self.t6[3])])
-        if role == "stacks:masks":
-            return many(op(r["mask"], float(str(m).count("1")), r)
-                        for r, m in zip(self.t3, paper_tables_masks()))
-        if role.startswith("ablation:"):
-            which = {"ablation:baseline": 0, "ablation:random": 1, "ablation:large": 2, "ablation:afs": 3}[role]
-            return many([op(self.t6[which]["setting"], None, self.t6[which])])
-        return None  # ensemble, curves: the paper gives no numbers
+        try:
+            a, b = rows(claim["a"]), rows(claim["b"]) if "b" in claim else None
+        except KeyError:
+            return None
+        return float(_statistic(claim["stat"], a, b, use_boot=False))
 
 
-def paper_tables_masks() -> list[str]:
-    from afs.tables import paper_tables
-
-    return list(paper_tables()["table_III_stacks"]["masks_9digit"])
-
-
-# ----------------------------------------------------------------------------------------------------
-# Statistics
-# ----------------------------------------------------------------------------------------------------
+# --- Statistics ---------------------------------------------------------------------------------------------
 def _slope(xs: Sequence[float], ys: Sequence[Any]) -> Any:
     """Least-squares slope of ys against xs; ys may be scalars or (B,) arrays (one slope per resample)."""
     x = np.asarray(xs, dtype=np.float64)
@@ -390,19 +326,6 @@ def _statistic(stat: str, a: list[Operand], b: list[Operand] | None, use_boot: b
     raise ValueError(f"unknown statistic {stat!r}")
 
 
-def _paper_value(claim: Mapping[str, Any], paper: PaperRows | None) -> float | None:
-    if paper is None or claim["stat"] == "min_difference":
-        return None
-    try:
-        a = paper.resolve(claim["a"], claim["metric"], claim["subset"])
-        b = paper.resolve(claim["b"], claim["metric"], claim["subset"]) if "b" in claim else None
-    except KeyError:
-        return None
-    if a is None or ("b" in claim and b is None):
-        return None
-    return float(_statistic(claim["stat"], a, b, use_boot=False))
-
-
 def _describe(claim: Mapping[str, Any], a: list[Operand], b: list[Operand] | None) -> str:
     m = claim.get("metric", "accuracy")
     ma, mb = claim.get("metric_a", m), claim.get("metric_b", m)
@@ -412,28 +335,27 @@ def _describe(claim: Mapping[str, Any], a: list[Operand], b: list[Operand] | Non
         return f"slope of {m} over {', '.join(o.label for o in a)}"
     if claim["stat"] == "value":
         return f"{m} of {a[0].label}"
-    if claim["stat"] == "min_difference" and len(b or []) == 1:
-        return f"min over {', '.join(o.label for o in a)} of {m} minus {b[0].label}"  # type: ignore[index]
+    assert b is not None
+    if claim["stat"] == "min_difference" and len(b) == 1:
+        return f"min over {', '.join(o.label for o in a)} of {m} minus {b[0].label}"
     if claim["stat"] == "min_difference":
-        return f"min over eps > 0 of {a[0].label.split(' at ')[0]} - {b[0].label.split(' at ')[0]}"  # type: ignore[index]
-    return f"{m}: {a[0].label} - {b[0].label}"  # type: ignore[index]
+        return f"min over eps > 0 of {a[0].label.split(' at ')[0]} - {b[0].label.split(' at ')[0]}"
+    return f"{m}: {a[0].label} - {b[0].label}"
 
 
 def evaluate_claims(summary: Mapping[str, Any], registry: Mapping[str, Any] | None = None, *,
-                    which: str = "claims", n_boot: int = N_BOOT, with_paper: bool = True) -> list[dict[str, Any]]:
-    """Every claim of the registry's list ``which`` ("claims": the paper's; "audit": the robustness audit)
-    evaluated on ``summary``: a list of records
-
-    ``{"id", "source", "claim", "compares", "op", "threshold", "unit", "paper", "estimate", "ci95",
-    "verdict", "subset", "n"}``. A claim whose rows the summary lacks (e.g. a profile without an alpha
-    sweep) gets ``verdict: "not run"`` and says why in ``reason``; nothing raises on a scientific outcome.
-    """
+                    which: str = "claims", n_boot: int = N_BOOT) -> list[dict[str, Any]]:
+    """The registry's claims ``which`` ("claims": the paper's; "audit": the robustness audit's) on ``summary``:
+    records ``{"id", "source", "claim", "compares", "op", "threshold", "unit", "paper", "estimate", "ci95",
+    "verdict", "subset", "n"}``. A claim whose rows the summary lacks gets ``verdict: "not run"`` and its
+    ``reason``; nothing raises on a scientific outcome."""
     reg = claims_registry() if registry is None else registry
     rows = Rows(summary, n_boot=n_boot)
-    paper = PaperRows() if with_paper and which == "claims" else None
+    paper_value = PaperRows().value if which == "claims" else (lambda c: None)  # the audit has no paper values
     out = []
     for c in reg[which]:
         rec: dict[str, Any] = {k: c.get(k) for k in ("id", "source", "claim", "op", "threshold", "unit", "subset")}
+        out.append(rec)
         metric = c.get("metric", "")
         try:
             a = rows.resolve(c["a"], c.get("metric_a", metric), c["subset"])
@@ -441,56 +363,35 @@ def evaluate_claims(summary: Mapping[str, Any], registry: Mapping[str, Any] | No
             if c["stat"] == "slope" and len(a) < 2:
                 raise KeyError(f"a trend needs at least two rows, {c['a']!r} has {len(a)}")
         except KeyError as e:
-            rec.update(verdict="not run", reason=str(e).strip("'\""), paper=_paper_value(c, paper))
-            out.append(rec)
+            rec.update(verdict="not run", reason=str(e).strip("'\""), paper=paper_value(c))
             continue
-        boot = _statistic(c["stat"], a, b, use_boot=True)
-        ci = percentile_interval(boot)
-        rec.update(
-            compares=_describe(c, a, b),
-            paper=_paper_value(c, paper),
-            estimate=float(_statistic(c["stat"], a, b, use_boot=False)),
-            ci95=ci,
-            verdict=verdict(ci, c["op"], c["threshold"]),
-            n=int(rows.subset(c["subset"])["n"]),
-        )
-        out.append(rec)
+        ci = percentile_interval(_statistic(c["stat"], a, b, use_boot=True))
+        rec.update(compares=_describe(c, a, b), paper=paper_value(c),
+                   estimate=float(_statistic(c["stat"], a, b, use_boot=False)), ci95=ci,
+                   verdict=verdict(ci, c["op"], c["threshold"]), n=int(rows.subset(c["subset"])["n"]))
     return out
 
 
-# ----------------------------------------------------------------------------------------------------
-# ci95 on every accuracy of a summary
-# ----------------------------------------------------------------------------------------------------
-def _interval_of(rows: Rows, subset: str, key: str, metric: str) -> list[float]:
-    return percentile_interval(rows.bootstrap(subset).means(rows.flags(subset, key, metric)))
-
-
 def attach_intervals(summary: dict[str, Any], n_boot: int = N_BOOT) -> dict[str, Any]:
-    """Add ``ci95: {metric: [lo, hi]}`` beside the accuracies of every record that names its per-sample
-    ``key`` (extractors, stacks, ensemble, comparison, ablation) and ``ci95`` lists to the curves. In place;
-    returns ``summary``."""
+    """In place, add ``ci95: {metric: [lo, hi]}`` beside the accuracies of every record with a per-sample
+    ``key`` (extractors, stacks, ensemble, comparison, ablation), and ``ci95`` lists to the curves."""
     rows = Rows(summary, n_boot=n_boot)
 
     def fill(rec: dict[str, Any], subset: str, metrics: Mapping[str, str]) -> None:
-        ci = {}
-        for name, metric in metrics.items():
-            if name in rec and isinstance(rec[name], (int, float)) and not (isinstance(rec[name], float) and math.isnan(rec[name])):
-                ci[name] = _interval_of(rows, subset, rec["key"], metric)
-        rec["ci95"] = ci
+        # Only measured accuracies: a row without AutoAttack has aa None (or NaN).
+        rec["ci95"] = {name: rows.interval(subset, rec["key"], metric) for name, metric in metrics.items()
+                       if isinstance(rec.get(name), (int, float)) and not math.isnan(rec[name])}
 
     acc = {m: m for m in ("clean", "pgd10", "pgd20")}
-    for rec in summary["extractors"].values():
+    for rec in [*summary["extractors"].values(), *summary["stacks"], summary["ensemble"]]:
         fill(rec, "test", acc)
-    for rec in summary["stacks"]:
-        fill(rec, "test", acc)
-    fill(summary["ensemble"], "test", acc)
     for rec in summary["ablation"]:
         fill(rec, "test", {"clean": "clean", "pgd20": "pgd20"})
     for rec in summary["comparison"]["rows"]:
         fill(rec, "aa", {"clean": "clean", "pgd": "pgd20", "aa": "aa", "tradeoff": "tradeoff"})
-        rec["ci95"].update({f"{m}_test": _interval_of(rows, "test", rec["key"], src)
+        rec["ci95"].update({f"{m}_test": rows.interval("test", rec["key"], src)
                             for m, src in (("clean", "clean"), ("pgd", "pgd20")) if f"{m}_test" in rec})
     curves = summary["curves"]
-    curves["ci95"] = {label: [_interval_of(rows, "curve", key, f"eps{b}") for b in curves["budgets_255"]]
+    curves["ci95"] = {label: [rows.interval("curve", key, f"eps{b}") for b in curves["budgets_255"]]
                       for label, key in curves["keys"].items()}
     return summary

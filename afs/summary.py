@@ -1,7 +1,5 @@
-"""What ``summary.json`` holds: its schema version and check, the per-sample rows, a merger's curve.
-
-`afs.pipeline.Pipeline.reproduce` writes it; the notebooks, README tables and `afs.evidence` read it.
-"""
+"""What ``summary.json`` holds (written by `afs.pipeline.Pipeline.reproduce`; read by the notebooks, the README
+tables and `afs.evidence`): its schema version and check, the per-sample rows, a merger's training curve."""
 
 from __future__ import annotations
 
@@ -74,51 +72,44 @@ def validate_summary(summary: dict[str, Any]) -> None:
         if not cond:
             raise ValueError(f"summary.json: {what}")
 
-    def pct(v: Any) -> bool:
-        return isinstance(v, (int, float)) and 0.0 <= v <= 100.0
+    def pct(rec: dict[str, Any], keys: Any) -> bool:
+        return all(isinstance(rec.get(k), (int, float)) and 0.0 <= rec[k] <= 100.0 for k in keys)
 
     need(summary.get("version") == SUMMARY_VERSION, f"version must be {SUMMARY_VERSION}")
-    for key in ("profile", "config", "dataset", "provenance", "extractors", "stacks", "comparison", "ablation", "curves"):
+    for key in ("profile", "config", "dataset", "provenance", "extractors", "stacks", "comparison", "ablation",
+                "curves"):
         need(key in summary, f"missing '{key}'")
     need(isinstance(summary["provenance"].get("git_sha"), (str, type(None))), "provenance.git_sha")
-    budgets = summary["config"]["extractor"]["budgets"]
-    for b in budgets:
+    for b in summary["config"]["extractor"]["budgets"]:
         rec = summary["extractors"].get(str(b))
         need(rec is not None, f"extractors.{b} missing")
-        need(all(pct(rec.get(k)) for k in _ACC), f"extractors.{b} needs clean/pgd10/pgd20 in percent")
+        need(pct(rec, _ACC), f"extractors.{b} needs clean/pgd10/pgd20 in percent")
     need(len(summary["stacks"]) > 0, "no stacks")
     for i, s in enumerate(summary["stacks"]):
         need(all(k in s for k in ("members", "alpha", "mode", "tags", "importance_ratio")), f"stacks[{i}] fields")
-        need(all(pct(s.get(k)) for k in _ACC), f"stacks[{i}] needs clean/pgd10/pgd20 in percent")
+        need(pct(s, _ACC), f"stacks[{i}] needs clean/pgd10/pgd20 in percent")
         need(abs(sum(s["importance_ratio"]) - 1) < 1e-4, f"stacks[{i}].importance_ratio must sum to 1")
-        if "aa" in s:
-            need(pct(s["aa"]), f"stacks[{i}].aa must be a percentage")
+        need("aa" not in s or pct(s, ["aa"]), f"stacks[{i}].aa must be a percentage")
     defaults = [s for s in summary["stacks"] if any(t.startswith("default-") for t in s["tags"])]
     modes = summary["config"]["experiments"].get("merger_modes", ["paired", "split"])
-    need(sorted(t for s in defaults for t in s["tags"] if t.startswith("default-")) == sorted(f"default-{m}" for m in modes)
-         and all("aa" in s for s in defaults),
+    tags = sorted(t for s in defaults for t in s["tags"] if t.startswith("default-"))
+    need(tags == sorted(f"default-{m}" for m in modes) and all("aa" in s for s in defaults),
          f"the default stack needs one record per merger mode {list(modes)}, each with AutoAttack")
     for row in summary["comparison"]["rows"]:
-        need(all(pct(row.get(k)) for k in ("clean", "pgd", "aa", "tradeoff")), f"comparison row {row.get('method')}")
+        need(pct(row, ("clean", "pgd", "aa", "tradeoff")), f"comparison row {row.get('method')}")
     need(len(summary["ablation"]) == 4, "ablation needs 4 rows (Table VI)")
     # Evidence (schema 2): intervals beside every accuracy, verdicts, the audit, the per-sample rows.
     for key in ("samples", "claims", "audit"):
         need(key in summary, f"missing '{key}'")
-
-    def interval_ok(rec: dict[str, Any], where: str) -> None:
-        ci = rec.get("ci95")
-        need(isinstance(ci, dict), f"{where}.ci95 missing")
-        for m, (lo, hi) in ci.items():
+    named = [*(("extractors." + b, r) for b, r in summary["extractors"].items()),
+             *((f"stacks[{i}]", r) for i, r in enumerate(summary["stacks"])),
+             *((f"comparison {r.get('method')}", r) for r in summary["comparison"]["rows"])]
+    for where, rec in named:
+        need(isinstance(rec.get("ci95"), dict), f"{where}.ci95 missing")
+        for m, (lo, hi) in rec["ci95"].items():
             # A percentile interval of a mean's bootstrap holds the mean itself (float32 slack).
             need(lo - 1e-4 <= rec[m] <= hi + 1e-4, f"{where}.ci95.{m} = [{lo}, {hi}] does not hold {rec[m]}")
-
-    for b, rec in summary["extractors"].items():
-        interval_ok(rec, f"extractors.{b}")
-    for i, rec in enumerate(summary["stacks"]):
-        interval_ok(rec, f"stacks[{i}]")
-    for row in summary["comparison"]["rows"]:
-        interval_ok(row, f"comparison {row.get('method')}")
     for c in [*summary["claims"], *summary["audit"].get("checks", [])]:
-        need(c.get("verdict") in ("holds", "fails", "inconclusive", "not run"), f"claim {c.get('id')}: verdict {c.get('verdict')!r}")
-        if c["verdict"] != "not run":
-            need(len(c.get("ci95") or []) == 2, f"claim {c.get('id')}: ci95 missing")
+        need(c.get("verdict") in ("holds", "fails", "inconclusive", "not run"),
+             f"claim {c.get('id')}: verdict {c.get('verdict')!r}")
+        need(c["verdict"] == "not run" or len(c.get("ci95") or []) == 2, f"claim {c.get('id')}: ci95 missing")

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from afs.report import interval
-from afs.tables import MISSING, fmt, paper_table, threshold_text
+from afs.tables import MISSING, comparison_rows, fmt, paper_table, threshold_text
 
 README_BEGIN, README_END = "<!-- results:begin -->", "<!-- results:end -->"
 CLAIMS_BEGIN, CLAIMS_END = "<!-- claims:begin -->", "<!-- claims:end -->"
@@ -53,14 +53,6 @@ def _data_cell(s: Mapping[str, Any]) -> str:
     return f"{name} ({inner})" if inner else name
 
 
-def _comparison_row(s: Mapping[str, Any], which: str) -> Mapping[str, Any]:
-    """Table IV's row ``which`` ("single": the PGD-AT network) of a summary, {} when it has none."""
-    for r in s.get("comparison", {}).get("rows", []):
-        if (which == "single" and str(r.get("method", "")).startswith("PGD-AT")) or r.get("method") == which:
-            return r
-    return {}
-
-
 def load_summaries(results_dir: str | Path) -> list[dict[str, Any]]:
     """Every ``<results_dir>/*/summary.json``, in `PROFILE_ORDER`."""
     root = Path(results_dir)
@@ -82,7 +74,8 @@ def results_table(results_dir: str | Path = "results") -> str:
     lines = ["| profile | data (Table IV images) | PGD-AT 8/255 clean | PGD-20 | AA | AFS clean | PGD-20 | AA | "
              "trade-off PGD-AT → AFS |\n|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in summaries:
-        one, afs = _comparison_row(s, "single"), _comparison_row(s, "AFS")
+        rows = comparison_rows(s)
+        one, afs = rows.get("PGD-AT", {}), rows.get("AFS", {})
         cells = [_md_ci(r, m) for r in (one, afs) for m in ("clean", "pgd", "aa")]
         lines.append(f"| {_run_label(s)} | {_data_cell(s)} | " + " | ".join(cells)
                      + f" | {_md_ci(one, 'tradeoff')} → {_md_ci(afs, 'tradeoff')} |")
@@ -102,7 +95,8 @@ def claims_table(results_dir: str | Path = "results") -> str:
     with verdicts its estimate, 95% interval and verdict (bold unless inconclusive)."""
     summaries = [s for s in load_summaries(results_dir) if "claims" in s]
     if not summaries:
-        return f"_No verdicts yet: `{results_dir}/<profile>/summary.json` files with `claims` are written by `afs reproduce`._"
+        return (f"_No verdicts yet: `{results_dir}/<profile>/summary.json` files with `claims` are written by "
+                f"`afs reproduce`._")
     cols = " | ".join(f"{_run_label(s)}: estimate [95% CI] → verdict" for s in summaries)
     lines = [f"| source | claim | test | paper | {cols} |", "|---|---|---|---:|" + "---|" * len(summaries)]
     checks = lambda s: [*s["claims"], *s.get("audit", {}).get("checks", [])]  # noqa: E731
@@ -114,13 +108,15 @@ def claims_table(results_dir: str | Path = "results") -> str:
                 cells.append("not run")
                 continue
             (lo, hi), v = match["ci95"], match["verdict"]
-            cells.append(f"{match['estimate']:+.2f} [{lo:+.2f}, {hi:+.2f}] → " + (v if v == "inconclusive" else f"**{v}**"))
+            shown = v if v == "inconclusive" else f"**{v}**"
+            cells.append(f"{match['estimate']:+.2f} [{lo:+.2f}, {hi:+.2f}] → {shown}")
         paper = c.get("paper")
         lines.append(f"| {c['source']} | {c['claim']} | {threshold_text(c)} | "
                      f"{MISSING if paper is None else f'{paper:+.2f}'} | " + " | ".join(cells) + " |")
-    n = "; ".join(f"{_run_label(s)}: {s['dataset'].get('test')} test images, AA and Table IV on {s['dataset'].get('aa')}, "
-                  f"audit on {s['dataset'].get('audit')}" for s in summaries)
-    return "\n".join(lines) + f"\n\nImages: {n}. Estimates are the claim's statistic in points (slopes: points per unit)."
+    n = "; ".join(f"{_run_label(s)}: {s['dataset'].get('test')} test images, AA and Table IV on "
+                  f"{s['dataset'].get('aa')}, audit on {s['dataset'].get('audit')}" for s in summaries)
+    note = f"Images: {n}. Estimates are the claim's statistic in points (slopes: points per unit)."
+    return "\n".join(lines) + "\n\n" + note
 
 
 def _replace_block(text: str, begin: str, end: str, body: str, path: Path) -> str:

@@ -102,15 +102,14 @@ def test_gradient_maps_through_a_stack(images):
         analysis.input_gradient_maps(stack, x[:2], y[:3])
 
 
-def test_classifier_weights_and_member_blocks():
+def test_classifier_weights_of_a_net_and_a_stack():
     net = tiny_net(5)
     assert analysis.classifier_weights(net).shape == (10 * 64,)
     stack = StackedModel([tiny_net(5), tiny_net(6), tiny_net(7)], 10)
     w = analysis.classifier_weights(stack)
     assert w.shape == (10 * 3 * 64,)
-    blocks = analysis.member_blocks(stack)
-    assert [b.size for b in blocks] == [640, 640, 640]
-    mass = np.array([np.abs(b).sum() for b in blocks])
+    # Row-major (classes, 3 * 64): member i's block is columns i*64 .. (i+1)*64, Fig. 4b's importance ratio.
+    mass = np.abs(w.reshape(10, 3, 64)).sum(axis=(0, 2))
     np.testing.assert_allclose(mass / mass.sum(), stack.importance_ratio().numpy(), rtol=1e-5)
     with pytest.raises(TypeError):
         analysis.classifier_weights(torch.nn.Conv2d(1, 1, 1))
@@ -145,4 +144,5 @@ def test_model_costs_match_the_papers_table_vi():
     assert small["params_M"] == pytest.approx(model_cost(net)["params"] / 1e6)
     assert small["flops_G"] == pytest.approx(model_cost(net)["flops"] / 1e9)
     stack = StackedModel([tiny_net(0), tiny_net(1)], 10)
-    assert analysis.model_costs(10, 1, members=2)["flops_G"] == pytest.approx(model_cost(stack)["flops"] / 1e9, rel=1e-3)
+    got = analysis.model_costs(10, 1, members=2)["flops_G"]
+    assert got == pytest.approx(model_cost(stack)["flops"] / 1e9, rel=1e-3)
