@@ -1,8 +1,7 @@
 """The paper's experiments as one resumable pipeline over a run directory (``afs reproduce``).
 
-Every trained or evaluated artifact has a fixed place under ``<out>/<profile>/``; a stage whose result is
-there is skipped, an interrupted one resumes, so the notebooks and the CLI share artifacts and any
-notebook can run alone (it trains what is missing, reuses what exists)::
+Every artifact has a fixed place under ``<out>/<profile>/``; a finished stage is reused, an interrupted one
+resumes, so the notebooks and the CLI share artifacts and any notebook can run alone::
 
     extractors/eps8/                 one PGD-AT network (Table I); eps3-8/ the random-budget ablation,
                                      wrn-28-30-eps8/ the wider-network ablation (Table VI)
@@ -16,34 +15,32 @@ Table/figure map: Table I `extractors`, Table II `alpha_sweep`, Table III `masks
 
 from __future__ import annotations
 
+import hashlib
 import time
 import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from afs import audit, progress
+from afs import audit, cost, progress
 from afs.autoattack import AutoAttackWarning
-from afs.config import ModelConfig, Profile, eps_from_budget
+from afs.config import MergerMode, ModelConfig, Profile, eps_from_budget
 from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
 from afs.distributed import barrier, is_main
 from afs.evaluation import PROTOCOL as EVAL_PROTOCOL
 from afs.evaluation import evaluate, trade_off
 from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json, state_hash
-from afs.merger import MergerMode, train_merger
-from afs.models import model_cost
+from afs.merger import train_merger
 from afs.stacking import LogitEnsemble, StackedModel
 from afs.summary import SUMMARY_VERSION, collect_samples, merger_training, validate_summary
 from afs.runs import RunDir, configure_numerics
 from afs.training import TrainData, budget_name, train_extractor
 
 __all__ = ["ProfileData", "load_profile_data", "Pipeline", "stack_name", "run_name"]
-
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -71,8 +68,6 @@ class ProfileData:
 
 
 def _index_hash(index: torch.Tensor) -> str:
-    import hashlib
-
     return hashlib.sha256(index.to(torch.int64).numpy().tobytes()).hexdigest()[:16]
 
 
@@ -99,10 +94,9 @@ def stack_name(budgets: Sequence[int], alpha: float, mode: str) -> str:
 class Pipeline:
     """Trains and evaluates what a profile's experiments need, reusing whatever the run directory holds.
 
-    Several processes may share the run directory (two `afs reproduce` calls, or the jobs of `afs.grid` on
-    submitit): each stage is trained or evaluated under its lock by one of them, and the others then find
-    it finished.
-    """
+    Several processes may share the run directory (two `afs reproduce` calls, `afs.grid`'s jobs): each stage
+    is trained or evaluated under its lock by one of them (a second waits, told who holds it), and the others
+    then find it finished."""
 
     def __init__(self, profile: Profile, out: str | Path = "runs", data_root: str | Path | None = None,
                  device: torch.device | str | None = None, progress: bool = True) -> None:
@@ -135,25 +129,11 @@ class Pipeline:
 
     def extractor(self, budget: int | tuple[int, int], model_config: ModelConfig | None = None) -> nn.Module:
         """The network PGD-trained at ``budget``/255 (a (lo, hi) pair: random budget per batch)."""
-        eps = (eps_from_budget(budget[0]), eps_from_budget(budget[1])) if isinstance(budget, tuple) else eps_from_budget(budget)
+        eps = eps_from_budget(budget)
         d = self.extractor_dir(eps, model_config)
-        key = str(d)
-        if key not in self._models:
-            if (d / "metrics.json").is_file():
-                self.reused.add(self.key(d))
-            t0 = progress.begin("train", self.key(d))  # the terminal's stage lines (afs reproduce)
-            self._models[key] = self._locked(d, lambda: train_extractor(
-                self.profile, self.data.train, eps, run_dir=d, device=self.device, model_config=model_config,
-                progress=self.progress))
-            self._time(f"train {d.name}", t0)
-        return self._models[key]
-
-    @staticmethod
-    def _locked(d: Path, work: Callable[[], _T]) -> _T:
-        """``work()`` while holding stage ``d``'s lock: one process trains or evaluates a stage at a time,
-        a second one waits (told who holds it) and then finds the stage done."""
-        with RunDir(d).lock():
-            return work()
+        return self._trained(d, "train", lambda: train_extractor(
+            self.profile, self.data.train, eps, run_dir=d, device=self.device, model_config=model_config,
+            progress=self.progress))
 
     def stack_dir(self, budgets: Sequence[int], alpha: float, mode: str) -> Path:
         return self.root / "stacks" / stack_name(budgets, alpha, mode)
@@ -164,18 +144,24 @@ class Pipeline:
         alpha = mc.alpha if alpha is None else alpha
         mode = mc.mode if mode is None else MergerMode(mode).value
         d = self.stack_dir(budgets, alpha, mode)
-        key = str(d)
-        if key not in self._models:
-            members = [self.extractor(b) for b in budgets]
-            stack = StackedModel(members, len(self.data.test.classes), budgets=tuple(budgets)).to(self.device)
+        if str(d) in self._models:
+            return self._models[str(d)]
+        # The members first (each under its own lock), then the merger's initial weights.
+        stack = StackedModel([self.extractor(b) for b in budgets], len(self.data.test.classes),
+                             budgets=tuple(budgets)).to(self.device)
+        return self._trained(d, "merger", lambda: train_merger(
+            stack, self.profile, self.data.train, alpha, mode, run_dir=d, device=self.device, progress=self.progress))
+
+    def _trained(self, d: Path, what: str, train: Callable[[], Any]) -> Any:
+        """Stage ``d``'s model, trained, resumed or loaded once per Pipeline under the stage's lock."""
+        if str(d) not in self._models:
             if (d / "metrics.json").is_file():
                 self.reused.add(self.key(d))
-            t0 = progress.begin("train", self.key(d))
-            self._models[key] = self._locked(d, lambda: train_merger(
-                stack, self.profile, self.data.train, alpha, mode, run_dir=d, device=self.device,
-                progress=self.progress))
-            self._time(f"merger {d.name}", t0)
-        return self._models[key]
+            t0 = progress.begin("train", self.key(d))  # the terminal's stage lines (afs reproduce)
+            with RunDir(d).lock():
+                self._models[str(d)] = train()
+            self._time(f"{what} {d.name}", t0)
+        return self._models[str(d)]
 
     def ensemble(self, budgets: Sequence[int]) -> LogitEnsemble:
         return LogitEnsemble([self.extractor(b) for b in budgets], budgets=tuple(budgets))
@@ -184,27 +170,24 @@ class Pipeline:
     def evaluate(self, model: nn.Module, where: Path, attacks: Iterable[str], subset: str = "test") -> dict[str, float]:
         """Accuracies (percent) of ``model`` on the test subset named by ``subset`` ("test" or "aa"),
         reusing ``where/eval_<subset>.json``; per-sample correctness goes to ``where/eval_<subset>.pt``.
-        Under a process group (``torchrun ... afs evaluate``) the images are sharded over the ranks
-        (`afs.evaluation.evaluate` shards under a process group) and rank 0 writes the files."""
-        with RunDir(where).lock():
-            return self._evaluate(model, where, list(attacks), subset)
-
-    def _evaluate(self, model: nn.Module, where: Path, attacks: list[str], subset: str) -> dict[str, float]:
-        ev = self.profile.evaluation
+        Under a process group (``torchrun ... afs evaluate``) `afs.evaluation.evaluate` shards the images
+        over the ranks and rank 0 writes the files."""
+        ev, attacks = self.profile.evaluation, list(attacks)
         jpath, spath = where / f"eval_{subset}.json", where / f"eval_{subset}.pt"
-        setting = self._setting(model, subset, eps=ev.eps, step_size=ev.step_size, aa_version=ev.aa_version,
-                                aa_attacks=list(ev.aa_attacks))
-        done = read_json(jpath) if jpath.is_file() else {}
-        if done.get("setting") != setting or not spath.is_file():
-            # Another model (retrained: other weights), other images, attack settings, seed, batching or
-            # protocol: nothing of the old files is this evaluation's, so it starts over.
-            done = {"setting": setting, "accuracy": {}}
-            (where / f"aa_state_{subset}.json").unlink(missing_ok=True)  # AutoAttack's resume state: the old one's
-        kept = bool(done["accuracy"])  # attacks already evaluated under this very setting
-        missing = [a for a in attacks if a not in done["accuracy"]]
-        if not missing:
-            self.reused.add(f"{self.key(where)} [{subset}]")
-        if missing:
+        with RunDir(where).lock():
+            setting = self._setting(model, subset, eps=ev.eps, step_size=ev.step_size, aa_version=ev.aa_version,
+                                    aa_attacks=list(ev.aa_attacks))
+            done = read_json(jpath) if jpath.is_file() else {}
+            if done.get("setting") != setting or not spath.is_file():
+                # Another model (retrained: other weights), other images, attack settings, seed, batching or
+                # protocol: nothing of the old files is this evaluation's, so it starts over.
+                done = {"setting": setting, "accuracy": {}}
+                (where / f"aa_state_{subset}.json").unlink(missing_ok=True)  # AutoAttack's resume state: the old one's
+            kept = bool(done["accuracy"])  # attacks already evaluated under this very setting
+            missing = [a for a in attacks if a not in done["accuracy"]]
+            if not missing:
+                self.reused.add(f"{self.key(where)} [{subset}]")
+                return {a: done["accuracy"][a] for a in attacks}
             x, y = self._subset(subset)
             t0 = progress.begin("eval", f"{self.key(where)} [{subset}]", missing)
             with warnings.catch_warnings(record=True) as caught:
@@ -228,7 +211,7 @@ class Pipeline:
                 atomic_torch_save(samples, spath)
                 atomic_write_json(jpath, done)
             barrier()
-        return {a: done["accuracy"][a] for a in attacks}
+            return {a: done["accuracy"][a] for a in attacks}
 
     def _setting(self, model: nn.Module, subset: str, **extra: Any) -> dict[str, Any]:
         """What a cached evaluation was made from: the model by the content hash of its weights, the images
@@ -243,8 +226,7 @@ class Pipeline:
 
     @property
     def craft_precision(self) -> str:
-        """The profile's precision as evaluation applies it: attacks crafted under it, accuracies scored in
-        fp32 (`afs.evaluation.evaluate`)."""
+        """The precision attacks are crafted under (accuracies are scored in fp32, `afs.evaluation.evaluate`)."""
         return self.numerics["precision"]
 
     def samples(self, where: Path, subset: str = "test") -> dict[str, torch.Tensor]:
@@ -258,36 +240,32 @@ class Pipeline:
         return list(read_json(path).get("aa_flags", [])) if path.is_file() else []
 
     def _subset(self, subset: str) -> tuple[torch.Tensor, torch.Tensor]:
-        t = self.data.test
         idx = self.data.subsets()[subset]
-        return t.images[idx], t.labels[idx]
+        return self.data.test.images[idx], self.data.test.labels[idx]
 
     def curve(self, model: nn.Module, where: Path) -> list[float]:
         """PGD-10 accuracy at each of the profile's ``curve_budgets`` (Fig. 4a), on the curve subset."""
-        with RunDir(where).lock():
-            return self._curve(model, where)
-
-    def _curve(self, model: nn.Module, where: Path) -> list[float]:
         ev = self.profile.evaluation
         path, spath = where / "eval_curve.json", where / "eval_curve.pt"
-        key = self._setting(model, "curve", budgets=list(ev.curve_budgets), step_size=ev.step_size)
-        if path.is_file() and spath.is_file() and read_json(path).get("setting") == key:
-            self.reused.add(f"{self.key(where)} [curve]")
-            return read_json(path)["accuracy"]
-        x, y = self._subset("curve")
-        t0 = progress.begin("eval", f"{self.key(where)} [curve]")
-        acc, flags = [], {}
-        for b in ev.curve_budgets:
-            name = "clean" if b == 0 else "pgd10"
-            res = evaluate(model, x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
-                           batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False,
-                           craft_precision=self.craft_precision, compile=self.profile.compile_attacks)
-            acc.append(res.accuracy[name])
-            flags[f"eps{b}"] = res.correct[name]
-        self._time(f"curve {where.name}", t0)
-        atomic_torch_save(flags, spath)
-        atomic_write_json(path, {"setting": key, "accuracy": acc})
-        return acc
+        with RunDir(where).lock():
+            key = self._setting(model, "curve", budgets=list(ev.curve_budgets), step_size=ev.step_size)
+            if path.is_file() and spath.is_file() and read_json(path).get("setting") == key:
+                self.reused.add(f"{self.key(where)} [curve]")
+                return read_json(path)["accuracy"]
+            x, y = self._subset("curve")
+            t0 = progress.begin("eval", f"{self.key(where)} [curve]")
+            acc, flags = [], {}
+            for b in ev.curve_budgets:
+                name = "clean" if b == 0 else "pgd10"
+                res = evaluate(model, x, y, attacks=(name,), eps=eps_from_budget(b), step_size=ev.step_size,
+                               batch_size=ev.batch_size, seed=self.profile.seed, device=self.device, progress=False,
+                               craft_precision=self.craft_precision, compile=self.profile.compile_attacks)
+                acc.append(res.accuracy[name])
+                flags[f"eps{b}"] = res.correct[name]
+            self._time(f"curve {where.name}", t0)
+            atomic_torch_save(flags, spath)
+            atomic_write_json(path, {"setting": key, "accuracy": acc})
+            return acc
 
     def _time(self, what: str, t0: float) -> None:
         self.timings[what] = round(time.time() - t0, 1)
@@ -298,19 +276,42 @@ class Pipeline:
         """A stage's name in a summary: its directory relative to the run root ("extractors/eps8")."""
         return str(d.relative_to(self.root))
 
+    def robust_budget(self) -> int:
+        """The paper's PGD-AT baseline and most robust stacking candidate: #8, else the largest budget."""
+        budgets = self.profile.extractor.budgets
+        return 8 if 8 in budgets else max(budgets)
+
+    def wide_model(self) -> ModelConfig:
+        """Table VI's 'Large model': the profile's network at ``experiments.wide_widen_factor``."""
+        m = self.profile.model
+        return ModelConfig(m.arch, m.depth, self.profile.experiments.wide_widen_factor)
+
+    def ensemble_dir(self, budgets: Sequence[int]) -> Path:
+        return self.root / "ensembles" / "-".join(map(str, budgets))
+
+    def grid(self) -> tuple[list[tuple[int | tuple[int, int], ModelConfig | None]],
+                            list[tuple[tuple[int, ...], float, str]]]:
+        """Every training stage `reproduce` needs: extractors as (budget, model config or None), then
+        mergers as (members, alpha, mode); mergers need their extractors, so they come second."""
+        p, default = self.profile, tuple(self.profile.merger.stack)
+        extractors: list[tuple[int | tuple[int, int], ModelConfig | None]] = [(b, None) for b in p.extractor.budgets]
+        extractors += [(tuple(p.experiments.random_budget_range), None), (self.robust_budget(), self.wide_model())]
+        stacks = [(default, p.merger.alpha, m) for m in p.experiments.merger_modes]
+        stacks += [(default, a, "paired") for a in p.experiments.alphas]
+        stacks += [(tuple(p.stack_for_mask(m)), p.merger.alpha, "paired") for m in p.experiments.masks]
+        return extractors, list(dict.fromkeys(stacks))  # de-duplicated, order kept
+
     def run_extractors(self) -> dict[str, dict[str, Any]]:
         """Table I: every budget's network on clean / PGD-10 / PGD-20."""
         out = {}
         for b in self.profile.extractor.budgets:
-            model = self.extractor(b)
-            d = self.extractor_dir(eps_from_budget(b))
+            model, d = self.extractor(b), self.extractor_dir(eps_from_budget(b))
             out[str(b)] = {"key": self.key(d), **self.evaluate(model, d, ("clean", "pgd10", "pgd20")),
                            "best_epoch": read_json(d / "metrics.json")["best_epoch"]}
         return out
 
     def stack_record(self, budgets: Sequence[int], alpha: float, mode: str, aa: bool = False) -> dict[str, Any]:
-        stack = self.stack(budgets, alpha, mode)
-        d = self.stack_dir(budgets, alpha, mode)
+        stack, d = self.stack(budgets, alpha, mode), self.stack_dir(budgets, alpha, mode)
         rec: dict[str, Any] = {"name": d.name, "key": self.key(d), "members": list(budgets), "alpha": alpha,
                                "mode": mode, **self.evaluate(stack, d, ("clean", "pgd10", "pgd20")),
                                "importance_ratio": stack.importance_ratio().tolist(), "training": merger_training(d)}
@@ -319,21 +320,6 @@ class Pipeline:
             on_aa = self.evaluate(stack, d, ("clean", "pgd20", "aa"), subset="aa")
             rec["aa"], rec["aa_clean"], rec["aa_pgd20"] = on_aa["aa"], on_aa["clean"], on_aa["pgd20"]
         return rec
-
-    # --- the grid of training stages ------------------------------------------------------------------
-    def grid(self) -> tuple[list[tuple[int | tuple[int, int], ModelConfig | None]], list[tuple[tuple[int, ...], float, str]]]:
-        """Every training stage `reproduce` needs: extractors as (budget, model config or None), then
-        mergers as (members, alpha, mode); mergers need their extractors, so they come second."""
-        p = self.profile
-        b8 = 8 if 8 in p.extractor.budgets else max(p.extractor.budgets)
-        wide = ModelConfig(p.model.arch, p.model.depth, p.experiments.wide_widen_factor)
-        extractors: list[tuple[int | tuple[int, int], ModelConfig | None]] = [(b, None) for b in p.extractor.budgets]
-        extractors += [(tuple(p.experiments.random_budget_range), None), (b8, wide)]  # Table VI ablations
-        default = tuple(p.merger.stack)
-        stacks = [(default, p.merger.alpha, m) for m in p.experiments.merger_modes]
-        stacks += [(default, a, "paired") for a in p.experiments.alphas]
-        stacks += [(tuple(p.stack_for_mask(m)), p.merger.alpha, "paired") for m in p.experiments.masks]
-        return extractors, list(dict.fromkeys(stacks))  # de-duplicated, order kept
 
     def reproduce(self, write: bool = True) -> dict[str, Any]:
         """Every stage the notebooks need; returns (and writes) ``summary.json``."""
@@ -350,7 +336,8 @@ class Pipeline:
         def add(budgets: Sequence[int], alpha: float, mode: str, tag: str, aa: bool = False) -> None:
             name = stack_name(budgets, alpha, mode)
             if name not in stacks or (aa and "aa" not in stacks[name]):
-                stacks[name] = {**self.stack_record(budgets, alpha, mode, aa=aa), "tags": stacks.get(name, {}).get("tags", [])}
+                tags = stacks.get(name, {}).get("tags", [])
+                stacks[name] = {**self.stack_record(budgets, alpha, mode, aa=aa), "tags": tags}
             stacks[name]["tags"].append(tag)
 
         for mode in p.experiments.merger_modes:
@@ -362,31 +349,27 @@ class Pipeline:
         summary["stacks"] = list(stacks.values())
 
         # The naive approach: the mean of the members' logits.
-        ens = self.ensemble(default)
         ens_dir = self.ensemble_dir(default)
         summary["ensemble"] = {"members": list(default), "key": self.key(ens_dir),
-                               **self.evaluate(ens, ens_dir, ("clean", "pgd10", "pgd20"))}
+                               **self.evaluate(self.ensemble(default), ens_dir, ("clean", "pgd10", "pgd20"))}
 
         # Table IV: the single 8/255 network (PGD-AT) and the default stack, every column on the AutoAttack
         # subset (so the trade-off mean(clean, AA) averages two numbers measured on the same images); the
         # clean and PGD-20 accuracies on the whole test subset stand beside them as *_test.
         b8 = self.robust_budget()
-        single = self.extractor(b8)
-        sd = self.extractor_dir(eps_from_budget(b8))
-        aa_single = self.evaluate(single, sd, ("clean", "pgd20", "aa"), subset="aa")
+        aa8 = self.evaluate(self.extractor(b8), self.extractor_dir(eps_from_budget(b8)), ("clean", "pgd20", "aa"),
+                            subset="aa")
         st = stacks[stack_name(default, p.merger.alpha, p.merger.mode)]
         e8 = summary["extractors"][str(b8)]
+        rows = [(f"PGD-AT ({b8}/255)", e8["key"], aa8["clean"], aa8["pgd20"], aa8["aa"], e8),
+                ("AFS", st["key"], st["aa_clean"], st["aa_pgd20"], st["aa"], st)]
         summary["comparison"] = {
             "aa_images": len(self.data.aa_index),
             "aa_attacks": list(p.evaluation.aa_attacks) or p.evaluation.aa_version,  # what "AA" ran
             "subset": "aa",
-            "rows": [
-                {"method": f"PGD-AT ({b8}/255)", "key": e8["key"], "clean": aa_single["clean"], "pgd": aa_single["pgd20"],
-                 "aa": aa_single["aa"], "tradeoff": trade_off(aa_single["clean"], aa_single["aa"]),
-                 "clean_test": e8["clean"], "pgd_test": e8["pgd20"]},
-                {"method": "AFS", "key": st["key"], "clean": st["aa_clean"], "pgd": st["aa_pgd20"], "aa": st["aa"],
-                 "tradeoff": trade_off(st["aa_clean"], st["aa"]), "clean_test": st["clean"], "pgd_test": st["pgd20"]},
-            ],
+            "rows": [{"method": method, "key": key, "clean": clean, "pgd": pgd, "aa": aa,
+                      "tradeoff": trade_off(clean, aa), "clean_test": test["clean"], "pgd_test": test["pgd20"]}
+                     for method, key, clean, pgd, aa, test in rows],
         }
         summary["ablation"] = self.run_ablation(default, b8, e8, st)
         summary["curves"] = self.run_curves(default)
@@ -408,42 +391,26 @@ class Pipeline:
             atomic_write_json(self.root / "summary.json", summary)
         return summary
 
-    def robust_budget(self) -> int:
-        """The paper's PGD-AT baseline and most robust stacking candidate: #8, else the largest budget."""
-        budgets = self.profile.extractor.budgets
-        return 8 if 8 in budgets else max(budgets)
-
-    def ensemble_dir(self, budgets: Sequence[int]) -> Path:
-        return self.root / "ensembles" / "-".join(map(str, budgets))
-
-    def run_ablation(self, default: Sequence[int], b8: int, e8: dict[str, Any], st: dict[str, Any]) -> list[dict[str, Any]]:
+    def run_ablation(self, default: Sequence[int], b8: int, e8: dict[str, Any],
+                     st: dict[str, Any]) -> list[dict[str, Any]]:
         """Table VI: baseline, random budget per batch, a wider single network, AFS; params and FLOPs."""
-        p = self.profile
-        lo, hi = p.experiments.random_budget_range
-        wide_cfg = ModelConfig(p.model.arch, p.model.depth, p.experiments.wide_widen_factor)
-        rand = self.extractor((lo, hi))
-        wide = self.extractor(b8, wide_cfg)
-        rows = []
-        base = self.extractor(b8)
-        stack = self.stack(default)
-        for setting, model, d in (
-            (f"Baseline ({b8}/255)", base, None),
-            (f"Rand. pert. ({lo}-{hi}/255)", rand, self.extractor_dir((eps_from_budget(lo), eps_from_budget(hi)))),
-            (f"Large model (WRN-{wide_cfg.depth}-{wide_cfg.widen_factor}, {b8}/255)", wide,
-             self.extractor_dir(eps_from_budget(b8), wide_cfg)),
-            ("AFS", stack, None),
-        ):
-            acc = (e8 if setting.startswith("Baseline") else st if setting == "AFS"
-                   else {"key": self.key(d), **self.evaluate(model, d, ("clean", "pgd20"))})
-            cost = model_cost(model)
-            rows.append({"setting": setting, "key": acc["key"], "params_M": cost["params"] / 1e6,
-                         "flops_G": cost["flops"] / 1e9, "macs_G": cost["flops"] / 2e9,
-                         "clean": acc["clean"], "pgd20": acc["pgd20"]})
-        return rows
+        lo, hi = self.profile.experiments.random_budget_range
+        wide = self.wide_model()
+        rand, wide_net = self.extractor((lo, hi)), self.extractor(b8, wide)  # both trained, then evaluated
+        rows = [(f"Baseline ({b8}/255)", self.extractor(b8), e8)]
+        for setting, net, d in ((f"Rand. pert. ({lo}-{hi}/255)", rand, self.extractor_dir(eps_from_budget((lo, hi)))),
+                                (f"Large model (WRN-{wide.depth}-{wide.widen_factor}, {b8}/255)", wide_net,
+                                 self.extractor_dir(eps_from_budget(b8), wide))):
+            rows.append((setting, net, {"key": self.key(d), **self.evaluate(net, d, ("clean", "pgd20"))}))
+        rows.append(("AFS", self.stack(default), st))
+        return [{"setting": setting, "key": acc["key"], **{k: c[k] for k in ("params_M", "flops_G", "macs_G")},
+                 "clean": acc["clean"], "pgd20": acc["pgd20"]}
+                for setting, net, acc in rows for c in [cost.network_cost(net)]]
 
     def run_curves(self, default: Sequence[int]) -> dict[str, Any]:
         """Fig. 4a: PGD-10 accuracy vs eps for the default stack and each single network it stacks."""
-        models = {"AFS": (self.stack(default), self.stack_dir(default, self.profile.merger.alpha, self.profile.merger.mode))}
+        mc = self.profile.merger
+        models = {"AFS": (self.stack(default), self.stack_dir(default, mc.alpha, mc.mode))}
         for b in default:
             models[f"#{b} ({b}/255)"] = (self.extractor(b), self.extractor_dir(eps_from_budget(b)))
         return {"budgets_255": list(self.profile.evaluation.curve_budgets), "images": len(self.data.curve_index),
@@ -455,8 +422,6 @@ def run_name(profile: Profile) -> str:
     """The folder of a profile's runs under ``out``: its name, plus ``-seed<N>`` when the seed is not the
     named profile's own (a second seed never reuses the first seed's stages), plus ``-set<hash>`` when
     ``--set`` changed it (one folder per set of changes; the changes are in every config.json)."""
-    import hashlib
-
     from afs.config import PROFILES
 
     own = PROFILES.get(profile.name)

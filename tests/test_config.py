@@ -1,5 +1,6 @@
 """Profiles: the paper's exact settings, JSON round trips, selection by name or environment."""
 
+import dataclasses
 import json
 
 import pytest
@@ -53,7 +54,7 @@ def test_bad_configs_are_refused():
         p.replace(merger=type(p.merger)(alpha=1.5, stack=p.merger.stack))
     with pytest.raises(ValueError, match="not among the trained budgets"):
         p.replace(merger=type(p.merger)(stack=(3, 5)))
-    with pytest.raises(ValueError, match="unknown data set"):
+    with pytest.raises(ValueError, match="unknown data set 'mnist' for DataConfig.name"):
         p.replace(data=type(p.data)(name="mnist"))
     with pytest.raises(ValueError, match="unknown Profile field"):
         Profile.from_dict({**p.to_dict(), "typo": 1})
@@ -68,3 +69,29 @@ def test_masks_select_networks_left_to_right():
         mask_to_budgets("000000000")
     assert PROFILES["paper"].stack_for_mask("111111111") == tuple(range(9))
     assert eps_from_budget(8) == 8 / 255
+
+
+def test_choice_fields_are_enums_checked_once_and_serialised_as_their_strings():
+    from afs.config import Arch, MergerMode, Precision
+    from afs.merger import MergerMode as TrainingMode
+
+    p = PROFILES["cpu"]
+    assert p.precision is Precision.AUTO and p.model.arch is Arch.CNN and p.merger.mode is MergerMode.PAIRED
+    assert p.experiments.merger_modes == (MergerMode.PAIRED,) and p.merger.mode == "paired"
+    assert TrainingMode(p.merger.mode) is TrainingMode.PAIRED  # the merger's own enum takes it as it is
+    # Either form, any case; the JSON holds the plain value strings, and reads back to the same profile.
+    q = p.replace(precision="FP32", merger=type(p.merger)(stack=(4, 6, 8), mode=MergerMode.PAIRED))
+    assert q.precision is Precision.FP32 and json.loads(q.to_json())["precision"] == "fp32"
+    assert json.loads(q.to_json())["experiments"]["merger_modes"] == ["paired"]
+    assert Profile.from_json(q.to_json()) == q
+    s = PROFILES["smoke"].with_overrides(["merger.mode=SPLIT", "extractor.lr_schedule=onecycle"])
+    assert s.merger.mode is MergerMode.SPLIT and s.extractor.lr_schedule == "onecycle"
+    valid = r"valid: \['auto', 'fp32', 'bf16'\]"
+    with pytest.raises(ValueError, match=r"unknown precision 'fp16' for Profile.precision; " + valid):
+        p.replace(precision="fp16")
+    with pytest.raises(ValueError, match="unknown merger mode 'joint' for merger.mode"):
+        p.with_overrides(["merger.mode=joint"])
+    with pytest.raises(ValueError, match="unknown architecture 'vit' for ModelConfig.arch"):
+        type(p.model)(arch="vit")
+    with pytest.raises(ValueError, match="merger_modes must list distinct"):
+        p.replace(experiments=dataclasses.replace(p.experiments, merger_modes=("split",)))

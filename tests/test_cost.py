@@ -80,3 +80,23 @@ def test_cpu_throughput_is_measured(capsys):
 def test_profiles_without_estimate_rejects_its_options(capsys):
     assert main(["profiles", "--device-kind", "cpu"]) == 2
     assert "--estimate" in capsys.readouterr().err
+
+
+def test_network_cost_is_one_count_for_models_configs_and_stacks():
+    from afs.config import ModelConfig
+    from afs.models import build_model, model_cost
+    from afs.stacking import StackedModel
+
+    mc = ModelConfig("wrn", 10, 1)
+    net = build_model(mc, 10)
+    on_meta, here = cost.network_cost(mc), cost.network_cost(net)
+    assert on_meta == here and here["params"] == model_cost(net)["params"]
+    assert here["macs_G"] == here["flops_G"] / 2 == here["flops"] / 2e9
+    # A stack: the members without their heads and one merger over all their features (Table VI's count).
+    stack = StackedModel([net, build_model(mc, 10)], 10)
+    two = cost.network_cost(mc, members=2)
+    heads = sum(p.numel() for m in stack.extractors for p in m.head.parameters())  # kept by StackedModel, unused
+    assert two["params"] == model_cost(stack)["params"] - heads
+    assert two["flops"] == pytest.approx(model_cost(stack)["flops"], rel=1e-3)
+    with pytest.raises(ValueError, match="members must be >= 1"):
+        cost.network_cost(mc, members=0)
