@@ -132,23 +132,13 @@ def weight_concentration(weights: np.ndarray | Tensor, top: float = 0.05) -> flo
 
 
 def model_costs(depth: int, widen_factor: int, members: int = 1) -> dict[str, float]:
-    """Parameters (M) and forward cost (GFLOP and GMAC per 1x3x32x32 image) of a WRN-depth-widen network, or a
-    stack of ``members`` of them plus one merger, counted on the ``meta`` device (WRN-28-30's 328M parameters
-    cost no memory) by `afs.models.model_cost`; a multiply-accumulate is two FLOPs (the paper's "Flops" are MACs)."""
-    from afs.models import WideResNet, model_cost
+    """Table VI's parameters (M) and forward cost (GFLOP, GMAC per image) of a WRN-depth-widen network or a stack
+    of ``members`` of them plus one merger, on CIFAR-10: `afs.cost.network_cost` (counted on the meta device)."""
+    from afs.config import ModelConfig
+    from afs.cost import network_cost
 
-    if members < 1:
-        raise ValueError(f"members must be >= 1, got {members}")
-    with torch.device("meta"):
-        net = WideResNet(depth, widen_factor, 10)  # CIFAR-10
-    cost = model_cost(net)
-    params, flops = cost["params"], cost["flops"]
-    if members > 1:
-        # Members' heads are not used by the stack; the merger reads n * feature_dim features.
-        head = sum(p.numel() for p in net.head.parameters())
-        params = members * (params - head) + (members * net.feature_dim + 1) * 10
-        flops = members * (flops - 2 * net.feature_dim * 10) + 2 * members * net.feature_dim * 10
-    return {"params_M": params / 1e6, "flops_G": flops / 1e9, "macs_G": flops / 2e9}
+    c = network_cost(ModelConfig(depth=depth, widen_factor=widen_factor), 10, members)
+    return {k: c[k] for k in ("params_M", "flops_G", "macs_G")}
 
 
 # --- Plotting helpers (matplotlib imported on use) ----------------------------------------------------------

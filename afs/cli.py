@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="no progress bars (shown only when stderr is a terminal; stage lines stay)")
     merger = argparse.ArgumentParser(add_help=False)
     merger.add_argument("--alpha", type=float, default=None, help="weight of the clean term (default: the profile's)")
-    merger.add_argument("--mode", choices=("paired", "split"), default=None, help="paired: Eq. 5; split: the authors' code")
+    merger.add_argument("--mode", choices=("paired", "split"), default=None,
+                        help="paired: Eq. 5; split: the authors' code")
     ddp = argparse.ArgumentParser(add_help=False)
     ddp.add_argument("--dist-timeout", type=float, default=600.0, metavar="S",
                      help="under torchrun: a collective waiting longer than S seconds fails the job (default: 600)")

@@ -54,7 +54,6 @@ class Precision(Choice):  # afs.runs.resolve_precision; one for training, valida
 
 
 class MergerMode(Choice):
-    # The same members as afs.merger.MergerMode, which cannot be imported here: afs.merger imports this module.
     PAIRED = "paired"  # Eq. 5 on the same samples
     SPLIT = "split"  # the authors' code: floor(alpha*B) clean samples, the rest adversarial
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from afs.io import CorruptFileError, atomic_torch_save, tensor_hash
+from afs.io import CorruptFileError, atomic_torch_save, derive_seed, tensor_hash
 from afs_kernels import Choice
 
 __all__ = ["DATASETS", "CIFAR10_CLASSES", "DATA_ENV", "CACHE_ENV", "DatasetName", "Split", "ImageData",
@@ -264,12 +264,6 @@ def _decode_jpegs(blobs: Sequence[bytes], names: Sequence[str], *, use_torchvisi
     return torch.stack(images)
 
 
-def _derived_seed(tag: str, *values: int) -> int:
-    """A 63-bit seed from a tag and integers. Hashing keeps (seed, epoch) pairs and tags from colliding."""
-    text = tag + "|" + "|".join(str(int(v)) for v in values)
-    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
-
-
 def _check_int(name: str, value: Any, lo: int, hi: int | None = None) -> None:
     """TypeError unless `value` is an int (not a bool), ValueError unless ``lo <= value <= hi``."""
     if isinstance(value, bool) or not isinstance(value, int):
@@ -319,7 +313,7 @@ def train_val_split(labels: Tensor | Sequence[int], val_size: int, seed: int = 0
     `val_size` spread evenly over the classes as far as their sizes allow. Same arguments, same split."""
     y = _int_vector(labels, "labels")
     _check_int("val_size (train must stay non-empty)", val_size, 0, len(y) - 1)
-    val_idx = _stratified_pick(y, val_size, _derived_seed("train_val_split", seed))
+    val_idx = _stratified_pick(y, val_size, derive_seed("train_val_split", seed))
     return torch.ones(len(y), dtype=torch.bool).index_fill_(0, val_idx, False).nonzero().flatten(), val_idx
 
 
@@ -330,7 +324,7 @@ def balanced_subset(labels: Tensor | Sequence[int], n: int | None, seed: int = 0
         return torch.arange(len(y))
     _check_int("n", n, 0)
     # Another tag than train_val_split's: the same seed must not pick correlated samples.
-    return _stratified_pick(y, n, _derived_seed("balanced_subset", seed))
+    return _stratified_pick(y, n, derive_seed("balanced_subset", seed))
 
 
 def crop_flip(images: Tensor, offset_y: Tensor, offset_x: Tensor, flip: Tensor, padding: int = 4) -> Tensor:
@@ -395,7 +389,7 @@ class DeviceLoader:
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         # Not a generator: the epoch is fixed (and advanced) when iter() is called, not at the first batch.
         n, epoch, self.epoch = len(self.images), self.epoch, self.epoch + 1
-        gen = torch.Generator().manual_seed(_derived_seed("DeviceLoader", self.seed, epoch))
+        gen = torch.Generator().manual_seed(derive_seed("DeviceLoader", self.seed, epoch))
         # Fixed draw order (permutation, offsets, flips): each a pure function of (seed, epoch).
         plan = (torch.randperm(n, generator=gen) if self.shuffle else torch.arange(n))[None]  # (1, N)
         if self.augment:  # rows order, dy, dx in [0, 2p], flip (1 = mirror): (4, N)

@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -25,12 +24,14 @@ from tqdm.auto import tqdm
 from afs import distributed
 from afs.attacks import PGD, check_images, check_labels, eval_mode, fgsm, model_device
 from afs.autoattack import autoattack
+from afs.io import derive_seed
 
 __all__ = ["EvalResult", "evaluate", "trade_off", "parse_attack", "attack_key", "PROTOCOL"]
 
 # The version of what an accuracy means, part of every cached evaluation's identity (`afs.pipeline`): 2 =
-# an image is robust only if it is also right clean, and PGD-K's of one call share a start (one chain).
-PROTOCOL = 2
+# an image is robust only if it is also right clean, and PGD-K's of one call share a start (one chain);
+# 3 = batch b's starts are seeded by derive_seed("eval", seed, b).
+PROTOCOL = 3
 
 _PGD_NAME = re.compile(r"(pgd|cw)([1-9][0-9]*)(?:x([1-9][0-9]*))?")
 _VALID_FORMS = ("'clean', 'fgsm', 'aa' (AutoAttack), 'pgdK' with K >= 1 steps (e.g. 'pgd10', 'pgd20'), "
@@ -70,12 +71,6 @@ def attack_key(kind: tuple[str, int, int]) -> str:
     if name not in ("pgd", "cw"):  # clean, fgsm, aa: no steps in the name
         return name
     return f"{name}{steps}" + (f"x{restarts}" if restarts > 1 else "")
-
-
-def _batch_seed(seed: int, batch_index: int) -> int:
-    # A seed for one batch from (seed, batch index) alone: a batch's random starts do not depend on which
-    # batches ran before it (or on which rank). SeedSequence mixes the pair so neighbouring seeds are unrelated.
-    return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 def _as_images(x: Any) -> torch.Tensor:
@@ -212,7 +207,7 @@ def evaluate(
                     sl = slice(b * batch_size, min((b + 1) * batch_size, n))
                     xb = _to_unit(x[sl].to(dev, non_blocking=True))  # (B, C, H, W) float in [0, 1]
                     yb = y[sl].to(dev, non_blocking=True)
-                    bseed = _batch_seed(seed, b)  # shared by every attack of this batch (one chain)
+                    bseed = derive_seed("eval", seed, b)  # shared by every attack of this batch (one chain)
                     # Robust accuracy is the share of images classified correctly at *every* point of the
                     # ball, the clean image included: an image the model gets wrong clean is not robust
                     # under any attack (AutoAttack counts the same way). So the attacks run on the images

@@ -26,6 +26,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from afs.io import derive_seed
 from afs.tables import default_stack_record, package_data, paper_table, paper_tables, stacks_tagged
 
 N_BOOT = 4000  # bootstrap resamples: the 2.5% / 97.5% percentiles move by < 0.1 point between seeds at n = 500
@@ -56,7 +57,7 @@ class Bootstrap:
         if n < 1:
             raise ValueError(f"a bootstrap needs at least one image, got n={n}")
         self.n, self.n_boot, self.seed = int(n), int(n_boot), int(seed)
-        rng = np.random.default_rng(np.random.SeedSequence([self.seed, self.n]))
+        rng = np.random.default_rng(derive_seed("bootstrap", self.seed, self.n))
         # (n_boot, n) counts: row b says how often each image is drawn in resample b (sums to n).
         chunk = max(1, min(self.n_boot, (8 << 20) // self.n))
         self._weights = [rng.multinomial(self.n, np.full(self.n, 1.0 / self.n), size=min(chunk, self.n_boot - s))

@@ -105,6 +105,19 @@ def state_hash(module: Any) -> str:
     return h.hexdigest()[:16]
 
 
+# The version of how stages derive their seeds (`derive_seed` and its tags), part of every stage's identity:
+# a change to it changes every random stream, so no run made under another version is reused.
+SEEDING = 1
+
+
+def derive_seed(tag: str, *values: int | str) -> int:
+    """The one seed derivation: a 63-bit seed from a tag and values (blake2b of ``tag|v1|v2...``). Hashing keeps
+    neighbouring seeds unrelated and (seed, epoch) pairs and tags from colliding; a stream depends only on its
+    own values, never on what ran before it (resume and rank-sharding repeat it exactly)."""
+    text = tag + "|" + "|".join(str(v) for v in values)
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
 def _json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)

@@ -23,22 +23,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from afs_kernels import Choice
 
 from afs.attacks import PGD
-from afs.config import Profile
+from afs.config import MergerMode, Profile
 from afs.data import DeviceLoader
-from afs.io import atomic_torch_save, load_torch, state_hash
-from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate, lr_schedule
+from afs.io import SEEDING, atomic_torch_save, derive_seed, load_torch, state_hash
+from afs.runs import RunDir, autocast_for, configure_numerics, fit, iterate, lr_schedule
 from afs.stacking import StackedModel
 from afs.training import TrainData, stage_data, validation_accuracy
 
 __all__ = ["MergerMode", "train_merger", "split_count", "save_merger", "load_merger"]
-
-
-class MergerMode(Choice):
-    PAIRED = "paired"  # Eq. 5 on the same samples
-    SPLIT = "split"  # the authors' code: floor(alpha*B) clean samples, the rest adversarial
 
 
 def split_count(alpha: float, batch: int) -> int:
@@ -74,8 +68,9 @@ def merger_identity(config: Profile, data: TrainData, stack: StackedModel, alpha
     mc = {k: v for k, v in dataclasses.asdict(config.merger).items() if k not in ("stack", "alpha", "mode")}
     return {"stage": "merger", "alpha": alpha, "mode": mode, "budgets": list(stack.budgets or ()),
             "feature_dims": list(stack.feature_dims), "members": [state_hash(m) for m in stack.extractors],
-            "merger": mc, "data": stage_data(config, data), "seed": config.seed, "precision": config.precision,
-            "deterministic": config.deterministic, "compile_attacks": config.compile_attacks}
+            "merger": mc, "data": stage_data(config, data), "seed": config.seed, "seeding": SEEDING,
+            "precision": config.precision, "deterministic": config.deterministic,
+            "compile_attacks": config.compile_attacks}
 
 
 def train_merger(
@@ -121,7 +116,7 @@ def train_merger(
     run.start(identity, device)
     configure_numerics(config.precision, config.deterministic, device)
 
-    seed = config.seed * 7919 + round(alpha * 1000) + (1 if mode is MergerMode.SPLIT else 0)
+    seed = derive_seed("merger", config.seed, round(alpha * 1000), mode.value)
     torch.manual_seed(seed)
     stack.merger.reset_parameters()
     params = list(stack.merger.parameters())
@@ -147,7 +142,7 @@ def train_merger(
         trace, chunk, chunk_n = [], 0.0, 0
         every = max(1, len(loader) // 10)
         for i, (x, y) in enumerate(iterate(loader, f"merger a={alpha} {mode.value} epoch {epoch + 1}", progress)):
-            s = batch_seed(seed, epoch, i)
+            s = derive_seed("train", seed, epoch, i)
             with autocast_for(device, config.precision):
                 if mode is MergerMode.PAIRED:
                     loss = 0.0
@@ -176,10 +171,8 @@ def train_merger(
         return {"train_loss": loss_sum / n, "train_loss_trace": trace}
 
     def validate(epoch: int) -> dict[str, float]:
-        # Eq. 5 at alpha = 1 has no robust term: nothing to select on, so no attack.
-        attack = (PGD(stack, eps=mc.eps, step_size=mc.attack_step_size, steps=mc.attack_steps,
-                      compile=config.compile_attacks) if alpha < 1 else None)
-        return validation_accuracy(stack, data.val, attack, seed=seed, device=device, precision=config.precision,
+        # Eq. 5 at alpha = 1 has no robust term: nothing to select on, so no attack (the training one otherwise).
+        return validation_accuracy(stack, data.val, attack if alpha < 1 else None, seed=seed, device=device, precision=config.precision,
                                    batch_size=256)
 
     def objective(val: dict[str, float]) -> float:

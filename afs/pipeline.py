@@ -33,7 +33,7 @@ from afs.data import ImageData, balanced_subset, load_dataset, train_val_split
 from afs.distributed import barrier, is_main
 from afs.evaluation import PROTOCOL as EVAL_PROTOCOL
 from afs.evaluation import evaluate, trade_off
-from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json, state_hash
+from afs.io import atomic_torch_save, atomic_write_json, derive_seed, load_torch, manifest, read_json, state_hash
 from afs.merger import train_merger
 from afs.stacking import LogitEnsemble, StackedModel
 from afs.summary import SUMMARY_VERSION, collect_samples, merger_training, validate_summary
@@ -81,9 +81,9 @@ def load_profile_data(profile: Profile, root: str | Path | None = None) -> Profi
     tr, va = train_val_split(pool.labels, dc.val_size, seed=seed)
     test = full_test.subset(balanced_subset(full_test.labels, dc.test_size, seed=seed))
     ev = profile.evaluation
-    aa = balanced_subset(test.labels, ev.aa_size, seed=seed + 1)
-    curve = balanced_subset(test.labels, ev.curve_size, seed=seed + 2)
-    audit = balanced_subset(test.labels, ev.audit_size, seed=seed + 3)
+    aa = balanced_subset(test.labels, ev.aa_size, seed=derive_seed("aa", seed))
+    curve = balanced_subset(test.labels, ev.curve_size, seed=derive_seed("curve", seed))
+    audit = balanced_subset(test.labels, ev.audit_size, seed=derive_seed("audit", seed))
     return ProfileData(TrainData(pool.subset(tr), pool.subset(va)), test, aa, curve, audit)
 
 

@@ -28,6 +28,7 @@ from torch import nn
 
 from afs import distributed
 from afs import progress as stage_progress  # the terminal's epoch lines (afs reproduce)
+from afs.config import Precision
 from afs.io import atomic_torch_save, atomic_write_json, load_torch, manifest, read_json
 
 
@@ -150,11 +151,6 @@ def _diffs(a: dict, b: dict, prefix: str = "") -> list[tuple[str, Any, Any]]:
     return out
 
 
-def batch_seed(seed: int, epoch: int, batch: int) -> int:
-    """A distinct, reproducible seed for each (run, epoch, batch): attack noise independent of resume."""
-    return (seed * 1_000_003 + epoch * 10_007 + batch) % (2**31 - 1)
-
-
 def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
     """The CUDA generator state of the one GPU this process trains on (None off CUDA): saving every GPU's
     (``get_rng_state_all``) made a resume on fewer GPUs fail, and under torchrun each rank owns one GPU."""
@@ -174,9 +170,6 @@ def restore_cuda_rng(state: Any, device: torch.device) -> None:
     torch.cuda.set_rng_state(state, device)
 
 
-PRECISIONS = ("auto", "fp32", "bf16")
-
-
 def cpu_bf16_support() -> dict[str, bool]:
     """Whether this CPU has AVX512-BF16 and AMX tiles (oneDNN's native bf16; without them bf16 is emulated)."""
     probe = {"avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
@@ -187,8 +180,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     """A profile's ``precision`` on ``device``: ``"auto"`` is bf16 on CUDA and on a CPU with native bf16
     (`cpu_bf16_support`), else fp32. Training and validation run under it; test evaluation crafts its attacks
     under it and scores with an fp32 forward (`afs.evaluation.evaluate`)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    precision = Precision.parse(precision, "precision").value
     if precision != "auto":
         return precision
     return "bf16" if device.type == "cuda" or (device.type == "cpu" and any(cpu_bf16_support().values())) else "fp32"

@@ -24,8 +24,9 @@ from afs import distributed
 from afs.attacks import PGD, eval_mode
 from afs.config import ModelConfig, Profile
 from afs.data import DeviceLoader, ImageData
+from afs.io import SEEDING, derive_seed
 from afs.models import build_model, load_model, save_checkpoint
-from afs.runs import RunDir, autocast_for, batch_seed, configure_numerics, fit, iterate, lr_schedule
+from afs.runs import RunDir, autocast_for, configure_numerics, fit, iterate, lr_schedule
 
 __all__ = ["TrainData", "train_extractor", "budget_name", "validation_accuracy", "stage_data"]
 
@@ -64,7 +65,7 @@ def validation_accuracy(model: nn.Module, val: ImageData, attack: PGD | None, *,
     """Clean and (with ``attack``) PGD accuracy in percent on the validation split: the one accuracy loop
     of model selection (extractors' early stopping, the merger's best epoch), in eval mode."""
     # Unlike `afs.evaluation.evaluate` it counts every image the attack leaves right: selection needs a
-    # score, not the protocol's per-sample flags. Batch i's attack is seeded by batch_seed(seed, -1, i).
+    # score, not the protocol's per-sample flags. Batch i's attack is seeded by derive_seed("val", seed, i).
     loader = DeviceLoader(val.images, val.labels, batch_size, shuffle=False, device=device)
     rank, world = distributed.rank(), distributed.world_size()
     clean = robust = 0.0
@@ -77,7 +78,7 @@ def validation_accuracy(model: nn.Module, val: ImageData, attack: PGD | None, *,
             with autocast_for(device, precision):
                 clean += (model(x).argmax(1) == y).sum().item()
                 if attack is not None:
-                    x_adv = attack(x, y, seed=batch_seed(seed, -1, i))
+                    x_adv = attack(x, y, seed=derive_seed("val", seed, i))
                     robust += (model(x_adv).argmax(1) == y).sum().item()
     clean, robust = distributed.all_reduce_sums([clean, robust])
     # Percent of the whole validation split (every rank returns the same numbers).
@@ -132,7 +133,8 @@ def train_extractor(
 
     run.start(identity, device)
     configure_numerics(config.precision, config.deterministic, device)
-    seed = config.seed * 1000 + (round(eps[1] * 255) * 100 + round(eps[0] * 255) if isinstance(eps, tuple) else round(eps * 255))
+    # One stream per (profile seed, budget in 1/255; a random-budget range by its ends).
+    seed = derive_seed("extractor", config.seed, *[round(e * 255) for e in (eps if isinstance(eps, tuple) else (eps,))])
     torch.manual_seed(seed)  # weight initialisation
     model = _ready(build_model(model_config, len(data.train.classes)), device).train()
     net: nn.Module = model  # what the training forward runs: the DDP wrapper under a process group
@@ -171,7 +173,7 @@ def train_extractor(
         t0 = time.time()
         for i, (x, y) in enumerate(iterate(loader, f"{budget_name(eps)} epoch {epoch + 1}/{ec.epochs}", progress)):
             # x (B/w, 3, 32, 32) float in [0, 1], y (B/w,); s seeds this batch's attack (and random budget).
-            s = batch_seed(seed, epoch, i)
+            s = derive_seed("train", seed, epoch, i)
             with autocast_for(device, config.precision):
                 if eps_max > 0:
                     atk = attack
@@ -242,7 +244,7 @@ def extractor_identity(config: Profile, data: TrainData, eps: float | tuple[floa
     # A run folder is reused only for the same identity (RunDir.check).
     ec = {k: v for k, v in dataclasses.asdict(config.extractor).items() if k != "budgets"}
     return {"stage": "extractor", "eps": eps, "model": dataclasses.asdict(model_config), "extractor": ec,
-            "data": stage_data(config, data), "seed": config.seed, "precision": config.precision,
+            "data": stage_data(config, data), "seed": config.seed, "seeding": SEEDING, "precision": config.precision,
             "deterministic": config.deterministic, "compile_attacks": config.compile_attacks}
 
 
