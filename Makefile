@@ -11,6 +11,13 @@ BIN    := $(VENV)/bin
 OUT    ?= out
 # Notebook kernels start in notebooks/: a relative data, cache, runs or figures path
 # (`AFS_DATA=../shared/data make test`) is made absolute here, where it was typed.
+# Without AFS_DATA, a checkout with the shared folder beside it (../shared/data, the layout CI runs in) uses
+# that; otherwise afs looks in ./data and says where it looked.
+ifndef AFS_DATA
+ifneq ($(wildcard ../shared/data),)
+AFS_DATA := ../shared/data
+endif
+endif
 ifdef AFS_DATA
 export AFS_DATA := $(abspath $(AFS_DATA))
 endif
