@@ -4,6 +4,7 @@ resubmitting it, a failed job reported by name. Real processes, real (offline) d
 from __future__ import annotations
 
 import json
+import signal
 import time
 
 import pytest
@@ -42,7 +43,14 @@ def test_a_killed_job_resumes_its_stage_when_resubmitted(real_data_root, tmp_pat
     ex = submitit.AutoExecutor(folder=tmp_path / "jobs" / "%j", cluster="local")
     ex.update_parameters(timeout_min=10)
     stage = ("extractor", 4, None)
-    job = ex.submit(train_stage, prof, str(tmp_path / "runs"), str(real_data_root), stage)
+    # submitit's local cancel is a SIGINT. A test run started from a background shell has SIGINT ignored,
+    # and an ignored signal stays ignored in every child: the job would never stop. With a handler set here
+    # the children start with the default one (a handler is reset on exec, an ignore is not).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        job = ex.submit(train_stage, prof, str(tmp_path / "runs"), str(real_data_root), stage)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     deadline = time.time() + 300
     while True:  # kill it mid-stage: an epoch checkpointed, the stage not finished
         found = list((tmp_path / "runs").glob("*/extractors/eps4"))
